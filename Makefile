@@ -1,0 +1,24 @@
+# Two commands do all the set-up: `make demo` and `make test`. Each creates .venv with a
+# Python >= 3.12 it finds (scripts/find_python.sh), installs navit-clip, then runs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test test-fast bench clean
+
+venv:
+	@VENV=$(VENV) bash scripts/setup_venv.sh
+
+demo: venv
+	$(VENV)/bin/navit-clip demo $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: venv
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,115 @@
+"""Transformer pieces shared by the image and text towers (Flax NNX).
+
+Pre-LN encoder blocks with optional QK-normalisation and bias removal (ViT-22B), a stack of
+them (optionally scanned and rematerialised), and a multi-head attention-pooling (MAP) head
+that pools each segment separately. Parameters are float32; `dtype` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from navit_clip.attention import attention
+
+_kernel_init = nnx.initializers.xavier_uniform()
+
+
+def dense(din: int, dout: int, *, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=_kernel_init, rngs=rngs)
+
+
+def layer_norm(dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                       rngs=rngs)
+
+
+class MultiHeadAttention(nnx.Module):
+  """Segment-masked multi-head attention with optional QK-norm.
+
+  q from `x` [B, Lq, D]; k, v from `kv` [B, Lk, D] (self-attention when kv is None).
+  """
+
+  def __init__(self, width: int, num_heads: int, *, qk_norm: bool, use_bias: bool, dtype,
+               backend: str, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    self.num_heads, self.head_dim, self.backend = num_heads, width // num_heads, backend
+    self.query = dense(width, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.key = dense(width, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.value = dense(width, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.out = dense(width, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    if qk_norm:
+      self.query_norm = layer_norm(self.head_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
+      self.key_norm = layer_norm(self.head_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    else:
+      self.query_norm = self.key_norm = None
+
+  def _heads(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, kv: jax.Array | None = None,
+               kv_segment_ids: jax.Array | None = None) -> jax.Array:
+    if kv is None:
+      kv, kv_segment_ids = x, segment_ids
+    q, k, v = self._heads(self.query(x)), self._heads(self.key(kv)), self._heads(self.value(kv))
+    if self.query_norm is not None:
+      q, k = self.query_norm(q), self.key_norm(k)
+    y = attention(q, k, v, segment_ids, kv_segment_ids, backend=self.backend)
+    return self.out(y.reshape(*y.shape[:-2], -1))
+
+
+class Mlp(nnx.Module):
+  """Dense -> GELU -> Dense. [..., D] -> [..., D]."""
+
+  def __init__(self, width: int, mlp_dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+    self.fc1 = dense(width, mlp_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.fc2 = dense(mlp_dim, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-LN block: x + Attn(LN(x)), then + MLP(LN(x)). [B, L, D] -> [B, L, D]."""
+
+  def __init__(self, width: int, mlp_dim: int, num_heads: int, *, qk_norm: bool,
+               use_bias: bool, dtype, backend: str, rngs: nnx.Rngs):
+    self.norm1 = layer_norm(width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.attn = MultiHeadAttention(width, num_heads, qk_norm=qk_norm, use_bias=use_bias,
+                                   dtype=dtype, backend=backend, rngs=rngs)
+    self.norm2 = layer_norm(width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(width, mlp_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    x = x + self.attn(self.norm1(x), segment_ids)
+    return x + self.mlp(self.norm2(x))
+
+
+class MAPHead(nnx.Module):
+  """Multi-head attention pooling, one learned probe per segment.
+
+  Slot k of a row pools the tokens whose segment id is k + 1, then LN + MLP (residual).
+  [B, L, D] tokens, int32 [B, L] segment ids -> [B, M, D]. A slot with no tokens attends to
+  nothing real (finite, not NaN); callers mask it with the slot mask.
+  """
+
+  def __init__(self, width: int, mlp_dim: int, num_heads: int, *, qk_norm: bool,
+               use_bias: bool, dtype, rngs: nnx.Rngs):
+    self.probe = nnx.Param(_kernel_init(rngs.params(), (1, width), jnp.float32))
+    self.attn = MultiHeadAttention(width, num_heads, qk_norm=qk_norm, use_bias=use_bias,
+                                   dtype=dtype, backend="xla", rngs=rngs)
+    self.norm = layer_norm(width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(width, mlp_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, max_segments: int) -> jax.Array:
+    b = x.shape[0]
+    probes = jnp.broadcast_to(self.probe[...].astype(self.dtype or x.dtype),
+                              (b, max_segments, x.shape[-1]))
+    probe_ids = jnp.broadcast_to(jnp.arange(1, max_segments + 1, dtype=jnp.int32),
+                                 (b, max_segments))
+    y = self.attn(probes, probe_ids, kv=x, kv_segment_ids=segment_ids)
+    return y + self.mlp(self.norm(y))
