@@ -1,0 +1,69 @@
+"""Orbax checkpoints of the train state together with the Grain iterator state.
+
+Each checkpoint step holds two items: "state" (the train-state pytree, restored onto
+whatever shardings the abstract target carries) and "data" (the Grain iterator state, so a
+resumed run sees exactly the batches the unbroken run would have). Saves are asynchronous
+and atomic: Orbax writes to a temporary directory and renames it when complete, so an
+interrupted save is never restored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves and restores (train state, data iterator) under `directory`."""
+
+  def __init__(self, directory: str, *, save_interval_steps: int = 1000,
+               max_to_keep: int | None = 3, keep_period: int | None = None,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        keep_period=keep_period, enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator | None = None, *,
+           force: bool = False) -> bool:
+    """Starts saving `state` (and the iterator position) at `step`; True if a save began."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int | None, abstract_state,
+              data_iterator: grain.DatasetIterator | None = None):
+    """Restores the state at `step` (latest if None) shaped and sharded like `abstract_state`.
+
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct (with .sharding) or arrays.
+    If `data_iterator` is given, its position is restored in place.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    items = {"state": ocp.args.StandardRestore(target)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def wait(self) -> None:
+    """Blocks until any asynchronous save has finished."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
