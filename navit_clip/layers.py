@@ -30,13 +30,15 @@ class MultiHeadAttention(nnx.Module):
   """Segment-masked multi-head attention with optional QK-norm.
 
   q from `x` [B, Lq, D]; k, v from `kv` [B, Lk, D] (self-attention when kv is None).
+  `causal` also hides keys after each query's position (see navit_clip.attention).
   """
 
   def __init__(self, width: int, num_heads: int, *, qk_norm: bool, use_bias: bool, dtype,
-               backend: str, rngs: nnx.Rngs):
+               backend: str, rngs: nnx.Rngs, causal: bool = False):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     self.num_heads, self.head_dim, self.backend = num_heads, width // num_heads, backend
+    self.causal = causal
     self.query = dense(width, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.key = dense(width, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.value = dense(width, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
@@ -57,7 +59,8 @@ class MultiHeadAttention(nnx.Module):
     q, k, v = self._heads(self.query(x)), self._heads(self.key(kv)), self._heads(self.value(kv))
     if self.query_norm is not None:
       q, k = self.query_norm(q), self.key_norm(k)
-    y = attention(q, k, v, segment_ids, kv_segment_ids, backend=self.backend)
+    y = attention(q, k, v, segment_ids, kv_segment_ids, backend=self.backend,
+                  causal=self.causal)
     return self.out(y.reshape(*y.shape[:-2], -1))
 
 
@@ -76,16 +79,70 @@ class EncoderBlock(nnx.Module):
   """Pre-LN block: x + Attn(LN(x)), then + MLP(LN(x)). [B, L, D] -> [B, L, D]."""
 
   def __init__(self, width: int, mlp_dim: int, num_heads: int, *, qk_norm: bool,
-               use_bias: bool, dtype, backend: str, rngs: nnx.Rngs):
+               use_bias: bool, dtype, backend: str, rngs: nnx.Rngs, causal: bool = False):
     self.norm1 = layer_norm(width, use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.attn = MultiHeadAttention(width, num_heads, qk_norm=qk_norm, use_bias=use_bias,
-                                   dtype=dtype, backend=backend, rngs=rngs)
+                                   dtype=dtype, backend=backend, rngs=rngs, causal=causal)
     self.norm2 = layer_norm(width, use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(width, mlp_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
     x = x + self.attn(self.norm1(x), segment_ids)
     return x + self.mlp(self.norm2(x))
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep Dense outputs
+}
+
+
+def _apply_block(block: EncoderBlock, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  return block(x, segment_ids)
+
+
+class Encoder(nnx.Module):
+  """`depth` pre-LN EncoderBlocks then a final LayerNorm. [B, L, D] -> [B, L, D].
+
+  scan_layers: stack the blocks' parameters along a leading [depth] axis (created with
+    nnx.vmap) and apply them with nnx.scan: one block is compiled instead of `depth`.
+  remat: "none", "full" (recompute each block in the backward pass) or "dots" (recompute it
+    but keep the outputs of the matmuls without batch dimensions, i.e. the Dense layers).
+  causal: each token attends only to tokens at or before its position (text towers).
+  """
+
+  def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, qk_norm: bool,
+               use_bias: bool, dtype, backend: str, scan_layers: bool = False,
+               remat: str = "none", causal: bool = False, rngs: nnx.Rngs):
+    if depth < 1:
+      raise ValueError(f"encoder depth must be >= 1, got {depth}")
+    if remat != "none" and remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat {remat!r}; choose one of "
+                       f"{['none', *REMAT_POLICIES]}")
+
+    def make_block(rngs: nnx.Rngs) -> EncoderBlock:
+      return EncoderBlock(width, mlp_dim, num_heads, qk_norm=qk_norm, use_bias=use_bias,
+                          dtype=dtype, backend=backend, rngs=rngs, causal=causal)
+
+    if scan_layers:
+      make_stack = nnx.split_rngs(splits=depth)(nnx.vmap(make_block, in_axes=0, out_axes=0))
+      self.blocks = make_stack(rngs)
+    else:
+      self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
+    self.norm = layer_norm(width, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.scan_layers, self.remat = scan_layers, remat
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    apply = _apply_block
+    if self.remat != "none":
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+    if self.scan_layers:
+      x = nnx.scan(apply, in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)(
+          self.blocks, x, segment_ids)
+    else:
+      for block in self.blocks:
+        x = apply(block, x, segment_ids)
+    return self.norm(x)
 
 
 class MAPHead(nnx.Module):

@@ -1,0 +1,1 @@
+"""Evaluators of trained models: zero-shot classification (more in later modules)."""

@@ -1,0 +1,131 @@
+"""The NaViT image tower: packed patch sequences in, one embedding per image slot out.
+
+uint8 patches [B, L, P*P*C] are normalised on device (x / 127.5 - 1), embedded by a Dense
+layer, given a factorized position embedding, run through pre-LN blocks whose attention is
+masked by segment id (no attention across images, padding apart), and pooled per image slot
+(MAP head or masked mean). Slot k of a row holds the image with segment id k + 1; slots that
+`image_mask` marks empty come out as zeros, so they carry neither values nor gradients.
+Parameters are float32; `dtype` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from navit_clip.layers import Encoder, MAPHead, dense
+from navit_clip.posemb import FactorizedPosEmb
+from navit_clip.sizes import parse_variant
+
+POOLS = ("map", "mean")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def normalize_patches(patches: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """uint8 pixels [..., P*P*C] -> `dtype` values in [-1, 1]."""
+  if patches.dtype != jnp.uint8:
+    raise ValueError(f"patches must be uint8 pixels, got {patches.dtype}")
+  return patches.astype(dtype) / 127.5 - 1.0
+
+
+def mean_pool(tokens: jax.Array, segment_ids: jax.Array, max_images: int) -> jax.Array:
+  """Mean of each segment's tokens. [B, L, D], int32 [B, L] -> float32 [B, M, D].
+
+  Slot k averages the tokens with segment id k + 1; an empty slot gives zeros.
+  """
+  onehot = jax.nn.one_hot(segment_ids - 1, max_images, dtype=jnp.float32)  # id 0 -> zeros
+  sums = jnp.einsum("blm,bld->bmd", onehot, tokens.astype(jnp.float32))
+  counts = onehot.sum(axis=1)[..., None]
+  return sums / jnp.maximum(counts, 1.0)
+
+
+class ImageTower(nnx.Module):
+  """NaViT encoder over packed batches (see navit_clip.data.batch for the fields).
+
+  __call__(batch) -> (embeddings float32 [B, M, D], image_mask bool [B, M]); M comes from
+  batch["image_mask"]. `tokens` gives the per-token features [B, L, D] before pooling.
+  """
+
+  def __init__(self, *, variant: str = "S/16", channels: int = 3, posemb: str = "learned",
+               posemb_coords: str = "fractional", posemb_resolution: int = 64,
+               qk_norm: bool = True, use_bias: bool = False, pool: str = "map",
+               dtype: str = "float32", remat: str = "none", scan_layers: bool = False,
+               attention: str = "xla", rngs: nnx.Rngs):
+    size, patch = parse_variant(variant)
+    if patch is None:
+      raise ValueError(f"image tower variant {variant!r} needs a patch size, e.g. 'S/16'")
+    if pool not in POOLS:
+      raise ValueError(f"unknown image pooling {pool!r}; choose one of {POOLS}")
+    if dtype not in DTYPES:
+      raise ValueError(f"unknown compute dtype {dtype!r}; choose one of {list(DTYPES)}")
+    self.patch_size, self.channels, self.width = patch, channels, size.width
+    self.dtype, self.pool_kind = DTYPES[dtype], pool
+    self.embedding = dense(patch * patch * channels, size.width, use_bias=use_bias,
+                           dtype=self.dtype, rngs=rngs)
+    self.posemb = FactorizedPosEmb(size.width, kind=posemb, coords=posemb_coords,
+                                   resolution=posemb_resolution, rngs=rngs)
+    self.encoder = Encoder(size.width, size.depth, size.mlp_dim, size.num_heads,
+                           qk_norm=qk_norm, use_bias=use_bias, dtype=self.dtype,
+                           backend=attention, scan_layers=scan_layers, remat=remat, rngs=rngs)
+    self.head = (MAPHead(size.width, size.mlp_dim, size.num_heads, qk_norm=qk_norm,
+                         use_bias=use_bias, dtype=self.dtype, rngs=rngs)
+                 if pool == "map" else None)
+
+  @classmethod
+  def from_config(cls, image: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> ImageTower:
+    """Builds the tower from `config.model.image` (see navit_clip.config)."""
+    return cls(variant=image.variant, channels=image.channels, posemb=image.posemb,
+               posemb_coords=image.posemb_coords, posemb_resolution=image.posemb_resolution,
+               qk_norm=image.qk_norm, use_bias=image.use_bias, pool=image.pool,
+               dtype=image.dtype, remat=image.remat, scan_layers=image.scan_layers,
+               attention=image.attention, rngs=rngs)
+
+  def tokens(self, pixels: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+             grid_hw: jax.Array) -> jax.Array:
+    """Per-token features after the final LayerNorm.
+
+    Args:
+      pixels: float [B, L, P*P*C], already normalised (see `normalize_patches`).
+      segment_ids: int32 [B, L]; positions, grid_hw: int32 [B, L, 2].
+    Returns:
+      [B, L, D] in the compute dtype.
+    """
+    want = self.patch_size * self.patch_size * self.channels
+    if pixels.ndim != 3 or pixels.shape[-1] != want:
+      raise ValueError(f"patches must be [B, L, {want}] for patch {self.patch_size} and "
+                       f"{self.channels} channels, got {pixels.shape}")
+    x = self.embedding(pixels.astype(self.dtype))
+    x = x + self.posemb(positions, grid_hw).astype(self.dtype)
+    return self.encoder(x, segment_ids)
+
+  def pool(self, tokens: jax.Array, segment_ids: jax.Array,
+           image_mask: jax.Array) -> jax.Array:
+    """[B, L, D] tokens -> float32 [B, M, D], zero in slots where image_mask is False."""
+    max_images = image_mask.shape[-1]
+    if self.head is not None:
+      pooled = self.head(tokens, segment_ids, max_images).astype(jnp.float32)
+    else:
+      pooled = mean_pool(tokens, segment_ids, max_images)
+    return jnp.where(image_mask[..., None], pooled, 0.0)
+
+  def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Embeds a packed batch.
+
+    Args:
+      batch: needs patches uint8 [B, L, P*P*C], segment_ids int32 [B, L], positions and
+        grid_hw int32 [B, L, 2], image_mask bool [B, M]; other fields are ignored.
+    Returns:
+      (embeddings float32 [B, M, D], image_mask bool [B, M]).
+    """
+    missing = [k for k in ("patches", "segment_ids", "positions", "grid_hw", "image_mask")
+               if k not in batch]
+    if missing:
+      raise ValueError(f"image tower input is missing fields {missing}")
+    segment_ids, image_mask = batch["segment_ids"], batch["image_mask"].astype(bool)
+    pixels = normalize_patches(batch["patches"], self.dtype)
+    tokens = self.tokens(pixels, segment_ids, batch["positions"], batch["grid_hw"])
+    return self.pool(tokens, segment_ids, image_mask), image_mask

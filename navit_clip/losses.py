@@ -1,0 +1,224 @@
+"""Contrastive and classification losses over the valid image slots of a packed batch.
+
+A packed batch has B rows of at most M image slots; `valid` [B, M] bool (the batch's
+`image_mask`) says which slots hold an image. Every loss flattens the slots to N = B * M
+and ignores empty ones completely: whatever an empty slot holds (even NaN or inf) changes
+neither the loss nor any gradient, so a batch with empty slots gives exactly the loss and
+gradients of the same pairs packed densely. Means are over the valid slots; a batch with
+no valid slot has loss 0.
+
+Contrastive losses take image and text embeddings that the caller has already
+L2-normalised (the two-tower model does it, so the same embeddings serve zero-shot
+classification and retrieval), the learned log-temperature t' (t = exp(t')) and an
+optional bias b: logits_ij = t * <img_i, txt_j> + b, and caption j belongs to image j.
+Logits and losses are float32 whatever the input dtype. Every loss returns
+(loss, metrics): a float32 scalar and a dict of float32 scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+CONTRASTIVE_LOSSES = ("sigmoid", "softmax")
+CLASSIFICATION_LOSSES = ("sigmoid_xent", "softmax_xent")
+LOSSES = CONTRASTIVE_LOSSES + CLASSIFICATION_LOSSES
+
+# Initial temperature t and bias b of each contrastive loss (SigLIP; CLIP has no bias).
+_INIT_T = {"sigmoid": 10.0, "softmax": 1.0 / 0.07}
+_INIT_B = {"sigmoid": -10.0, "softmax": None}
+
+# Logit given to masked-out entries of a softmax: finite, so that a fully masked row gives
+# finite values and gradients (an -inf row would give NaN).
+_MASKED_LOGIT = -1e9
+
+
+def init_logit_params(name: str, init_t: float | None = None,
+                      init_b: float | None = None) -> tuple[float, float | None]:
+  """Initial (t', b) of contrastive loss `name`, where t = exp(t').
+
+  Defaults: sigmoid t = 10, b = -10 (SigLIP); softmax t = 1 / 0.07 and no bias (CLIP).
+  `init_t` / `init_b` override them; b is None when the loss has no bias.
+  """
+  if name not in CONTRASTIVE_LOSSES:
+    raise ValueError(f"unknown contrastive loss {name!r}; expected one of "
+                     f"{list(CONTRASTIVE_LOSSES)}")
+  t = _INIT_T[name] if init_t is None else init_t
+  if not t > 0:
+    raise ValueError(f"initial temperature must be > 0, got {t}")
+  if name == "softmax" and init_b is not None:
+    raise ValueError("the softmax loss has no bias (a shift of every logit changes no "
+                     f"softmax), got init_b = {init_b}")
+  b = _INIT_B[name] if init_b is None else init_b
+  return math.log(t), b
+
+
+def _check_valid(valid: jax.Array, name: str, x: jax.Array, extra_dims: int) -> None:
+  if valid.ndim != 2 or valid.dtype != jnp.bool_:
+    raise ValueError(f"valid must be bool [B, M], got {valid.dtype}{list(valid.shape)}")
+  if x.ndim != 2 + extra_dims or x.shape[:2] != valid.shape:
+    want = "[B, M" + ", ..." * extra_dims + "]"
+    raise ValueError(f"{name} must be {want} with [B, M] = {list(valid.shape)}, got "
+                     f"{list(x.shape)}")
+
+
+def _flat_valid(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """[B, M, ...] -> [N, ...] with empty slots set to zero (their gradient is zero)."""
+  x = x.reshape(valid.size, *x.shape[2:])
+  v = valid.reshape(-1)
+  return jnp.where(v.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros((), x.dtype))
+
+
+def _scalar(name: str, x: jax.Array) -> jax.Array:
+  x = jnp.asarray(x, jnp.float32)
+  if x.size != 1:
+    raise ValueError(f"{name} must be a scalar (or hold one value), got shape {list(x.shape)}")
+  return x.reshape(())
+
+
+def _masked_mean(per_slot: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean of [N] values over the valid slots, and the valid count (float32)."""
+  n = jnp.sum(v, dtype=jnp.float32)
+  return jnp.sum(jnp.where(v, per_slot, 0.0)) / jnp.maximum(n, 1.0), n
+
+
+def _contrastive_logits(img, txt, valid, logit_scale, logit_bias):
+  """Flattened [N, N] float32 logits, the [N] slot mask and the metrics t, b."""
+  _check_valid(valid, "img", img, 1)
+  _check_valid(valid, "txt", txt, 1)
+  if img.shape != txt.shape:
+    raise ValueError(f"img and txt embeddings differ in shape: {list(img.shape)} vs "
+                     f"{list(txt.shape)}")
+  x = _flat_valid(img.astype(jnp.float32), valid)
+  y = _flat_valid(txt.astype(jnp.float32), valid)
+  t = jnp.exp(_scalar("logit_scale", logit_scale))
+  logits = t * (x @ y.T)
+  metrics = {"t": t}
+  if logit_bias is not None:
+    b = _scalar("logit_bias", logit_bias)
+    logits = logits + b
+    metrics["b"] = b
+  return logits, valid.reshape(-1), metrics
+
+
+def sigmoid_loss(img: jax.Array, txt: jax.Array, valid: jax.Array, logit_scale: jax.Array,
+                 logit_bias: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """SigLIP loss over the valid pairs.
+
+  loss = -(1 / n) sum_{i, j valid} log sigmoid(z_ij * (t * x_i . y_j + b)), with z_ij = 1
+  if i = j else -1 and n the number of valid slots.
+
+  Args:
+    img: [B, M, D] L2-normalised image embeddings, any float dtype.
+    txt: [B, M, D] L2-normalised text embeddings, the caption of each image slot.
+    valid: [B, M] bool, the slots that hold an image.
+    logit_scale: scalar t' (t = exp(t')).
+    logit_bias: scalar b, or None for no bias.
+
+  Returns:
+    (loss, metrics): float32 scalar; metrics "t", "b" (when given), "n_valid".
+  """
+  logits, v, metrics = _contrastive_logits(img, txt, valid, logit_scale, logit_bias)
+  z = 2.0 * jnp.eye(v.size, dtype=jnp.float32) - 1.0
+  pairs = v[:, None] & v[None, :]
+  nll = jnp.where(pairs, -jax.nn.log_sigmoid(z * logits), 0.0)
+  loss, metrics["n_valid"] = _masked_mean(jnp.sum(nll, axis=1), v)
+  return loss, metrics
+
+
+def softmax_loss(img: jax.Array, txt: jax.Array, valid: jax.Array, logit_scale: jax.Array,
+                 logit_bias: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """CLIP loss: mean of the image->text and text->image cross-entropies over valid pairs.
+
+  Empty slots are masked out of every softmax (as candidates) and out of the mean (as
+  queries). Arguments and return value as in `sigmoid_loss`; a bias shifts every logit
+  and so changes nothing.
+  """
+  logits, v, metrics = _contrastive_logits(img, txt, valid, logit_scale, logit_bias)
+  img_to_txt = jax.nn.log_softmax(jnp.where(v[None, :], logits, _MASKED_LOGIT), axis=1)
+  txt_to_img = jax.nn.log_softmax(jnp.where(v[:, None], logits, _MASKED_LOGIT), axis=0)
+  nll = -0.5 * (jnp.diagonal(img_to_txt) + jnp.diagonal(txt_to_img))
+  loss, metrics["n_valid"] = _masked_mean(nll, v)
+  return loss, metrics
+
+
+def sigmoid_xent_loss(logits: jax.Array, labels: jax.Array,
+                      valid: jax.Array) -> tuple[jax.Array, dict]:
+  """Multi-label sigmoid cross-entropy (JFT-style): per slot, summed over classes.
+
+  Args:
+    logits: [B, M, K] classifier logits, any float dtype.
+    labels: [B, M, K] multi-hot (or soft) targets in [0, 1].
+    valid: [B, M] bool, the slots that hold an image.
+
+  Returns:
+    (loss, metrics): the mean over valid slots of the per-slot sum over classes;
+    metrics "prec@1" (mean label of the top-1 class: for multi-hot labels, how often
+    the top-1 class is a positive) and "n_valid".
+  """
+  _check_valid(valid, "logits", logits, 1)
+  if labels.shape != logits.shape:
+    raise ValueError(f"multi-hot labels must match logits {list(logits.shape)}, got "
+                     f"{list(labels.shape)}")
+  x = _flat_valid(logits.astype(jnp.float32), valid)
+  y = _flat_valid(labels.astype(jnp.float32), valid)
+  v = valid.reshape(-1)
+  nll = -(y * jax.nn.log_sigmoid(x) + (1.0 - y) * jax.nn.log_sigmoid(-x))
+  loss, n = _masked_mean(jnp.sum(nll, axis=1), v)
+  top1 = jnp.take_along_axis(y, jnp.argmax(x, axis=1)[:, None], axis=1)[:, 0]
+  prec1, _ = _masked_mean(top1, v)
+  return loss, {"prec@1": prec1, "n_valid": n}
+
+
+def softmax_xent_loss(logits: jax.Array, labels: jax.Array,
+                      valid: jax.Array) -> tuple[jax.Array, dict]:
+  """Single-label softmax cross-entropy.
+
+  Args:
+    logits: [B, M, K] classifier logits, any float dtype.
+    labels: [B, M] integer class ids in [0, K) in valid slots (anything in empty ones).
+    valid: [B, M] bool, the slots that hold an image.
+
+  Returns:
+    (loss, metrics): mean over valid slots; metrics "accuracy" (top-1) and "n_valid".
+  """
+  _check_valid(valid, "logits", logits, 1)
+  if labels.shape != valid.shape or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"class labels must be integer [B, M] = {list(valid.shape)}, got "
+                     f"{labels.dtype}{list(labels.shape)}")
+  x = _flat_valid(logits.astype(jnp.float32), valid)
+  y = _flat_valid(labels, valid)
+  v = valid.reshape(-1)
+  logp = jax.nn.log_softmax(x, axis=1)
+  nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+  loss, n = _masked_mean(nll, v)
+  correct = (jnp.argmax(x, axis=1) == y).astype(jnp.float32)
+  accuracy, _ = _masked_mean(correct, v)
+  return loss, {"accuracy": accuracy, "n_valid": n}
+
+
+_CONTRASTIVE: dict[str, Callable] = {"sigmoid": sigmoid_loss, "softmax": softmax_loss}
+_CLASSIFICATION: dict[str, Callable] = {"sigmoid_xent": sigmoid_xent_loss,
+                                        "softmax_xent": softmax_xent_loss}
+
+
+def contrastive_loss(name: str, img: jax.Array, txt: jax.Array, valid: jax.Array,
+                     logit_scale: jax.Array,
+                     logit_bias: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """The contrastive loss called `name` ("sigmoid" | "softmax"); see `sigmoid_loss`."""
+  if name not in _CONTRASTIVE:
+    raise ValueError(f"unknown contrastive loss {name!r}; expected one of "
+                     f"{list(_CONTRASTIVE)}")
+  return _CONTRASTIVE[name](img, txt, valid, logit_scale, logit_bias)
+
+
+def classification_loss(name: str, logits: jax.Array, labels: jax.Array,
+                        valid: jax.Array) -> tuple[jax.Array, dict]:
+  """The classification loss called `name` ("sigmoid_xent" | "softmax_xent")."""
+  if name not in _CLASSIFICATION:
+    raise ValueError(f"unknown classification loss {name!r}; expected one of "
+                     f"{list(_CLASSIFICATION)}")
+  return _CLASSIFICATION[name](logits, labels, valid)

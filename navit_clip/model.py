@@ -1,0 +1,91 @@
+"""The models built on the NaViT image tower: a two-tower contrastive model and a classifier.
+
+Both take a packed batch (navit_clip.data.batch) and keep everything per image slot:
+embeddings and logits are [B, M, ...] beside the slot mask `image_mask` [B, M].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from navit_clip import losses
+from navit_clip.image_tower import ImageTower
+from navit_clip.text.tower import TextTower
+
+TASKS = ("contrastive", "classification")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / ||x|| over the last axis, in float32; a zero vector (an empty slot) stays zero."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class TwoTower(nnx.Module):
+  """Image tower + text tower in one joint space, with the learned logit scale and bias.
+
+  logits_ij = exp(logit_scale) * <zimg_i, ztxt_j> + logit_bias. The text tower projects to
+  the image tower's width, which is the joint embedding dimension.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.image = ImageTower.from_config(config.model.image, rngs=rngs)
+    self.text = TextTower.from_config(config.model.text, self.image.width, rngs=rngs)
+    t, b = losses.init_logit_params(config.loss.name, config.loss.init_t, config.loss.init_b)
+    self.logit_scale = nnx.Param(jnp.asarray(t, jnp.float32))
+    self.logit_bias = nnx.Param(jnp.asarray(0.0 if b is None else b, jnp.float32))
+    self.has_bias = b is not None
+
+  def embed_images(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Packed batch -> (L2-normalised float32 [B, M, D], image_mask bool [B, M])."""
+    emb, mask = self.image(batch)
+    return l2_normalize(emb), mask
+
+  def embed_texts(self, tokens: jax.Array) -> jax.Array:
+    """int32 [..., T] -> L2-normalised float32 [..., D]."""
+    return l2_normalize(self.text(tokens))
+
+  def __call__(self, batch: Mapping[str, jax.Array]):
+    """-> (zimg [B, M, D], ztxt [B, M, D], image_mask [B, M])."""
+    zimg, mask = self.embed_images(batch)
+    return zimg, self.embed_texts(batch["text_tokens"]), mask
+
+  def loss(self, batch: Mapping[str, jax.Array], name: str) -> tuple[jax.Array, dict]:
+    zimg, ztxt, mask = self(batch)
+    bias = self.logit_bias[...] if self.has_bias else None
+    return losses.contrastive_loss(name, zimg, ztxt, mask, self.logit_scale[...], bias)
+
+
+class Classifier(nnx.Module):
+  """Image tower + a Dense head: packed batch -> logits float32 [B, M, K]."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.image = ImageTower.from_config(config.model.image, rngs=rngs)
+    k = config.model.num_classes
+    if k < 1:
+      raise ValueError(f"config.model.num_classes = {k} must be >= 1 for classification")
+    self.head = nnx.Linear(self.image.width, k, kernel_init=nnx.initializers.zeros_init(),
+                           bias_init=nnx.initializers.constant(config.model.head_bias_init),
+                           param_dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    emb, mask = self.image(batch)
+    return self.head(emb).astype(jnp.float32), mask
+
+  def loss(self, batch: Mapping[str, jax.Array], name: str) -> tuple[jax.Array, dict]:
+    logits, mask = self(batch)
+    return losses.classification_loss(name, logits, batch["labels"], mask)
+
+
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> TwoTower | Classifier:
+  """The model that `config.task` trains."""
+  if config.task == "contrastive":
+    return TwoTower(config, rngs=rngs)
+  if config.task == "classification":
+    return Classifier(config, rngs=rngs)
+  raise ValueError(f"config.task = {config.task!r}; expected one of {list(TASKS)}")

@@ -1,0 +1,167 @@
+"""The one trainer, for every task: contrastive (SigLIP / CLIP) and classification.
+
+Reads top to bottom: config -> data -> model -> optimizer -> (resume) -> compile the step
+once -> loop (next batch, step, log, checkpoint) -> final checkpoint. The step is
+ahead-of-time compiled for the batch spec, so a batch of another shape is an error, not a
+silent recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from navit_clip import config as config_lib
+from navit_clip import flops as flops_lib
+from navit_clip.checkpoint import Checkpointer
+from navit_clip.metrics import MetricsLogger
+from navit_clip.model import build_model
+from navit_clip.optim import make_optimizer, make_schedule
+from navit_clip.data import pipeline
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a finished run hands back: per-step losses, the final state and the model."""
+
+  losses: list[float]
+  final_step: int
+  model: nnx.Module
+  workdir: str
+
+
+def _host_batch_stats(batch: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
+  """(images, real tokens, total tokens) of a host batch."""
+  seg = batch["segment_ids"]
+  return int(batch["image_mask"].sum()), int((seg > 0).sum()), int(seg.size)
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, loss_name: str,
+                    accum_steps: int) -> Callable:
+  """The pure train step (state, batch) -> (state, metrics); state is a dict pytree.
+
+  state = {"params": pure dict of float32 params, "opt_state": optax state, "step": int32}.
+  """
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, rest)
+      return model.loss(batch, loss_name)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=schedule(state["step"] // accum_steps))
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  return train_step
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+  config_lib.validate(config)
+  save_config(config, workdir)
+  tc = config.train
+  total_steps = tc.total_steps
+  if total_steps < 1:
+    raise ValueError(f"config.train.total_steps = {total_steps} must be >= 1")
+
+  # Data: a Grain iterator of packed batches (host NumPy).
+  dataset = pipeline.make_train_dataset(config)
+  data_iter = iter(dataset)
+
+  # Model and optimizer.
+  model = build_model(config, rngs=nnx.Rngs(config.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params = nnx.to_pure_dict(params)
+  updates_total = max(total_steps // config.optim.grad_accum_steps, 1)
+  tx = make_optimizer(config.optim, params, updates_total)
+  schedule = make_schedule(config.optim, updates_total)
+  state = {"params": params, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+
+  # Resume.
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                      save_interval_steps=tc.checkpoint_every, max_to_keep=tc.keep_checkpoints,
+                      keep_period=tc.keep_period or None)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(None, state, data_iter)
+    start_step = int(state["step"])
+    print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
+
+  # Compile once for the batch spec.
+  step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule, config.loss.name,
+                                    config.optim.grad_accum_steps), donate_argnums=0)
+  spec_batch = pipeline.batch_spec(config).zeros()
+  compiled = step_fn.lower(state, spec_batch).compile()
+  step_flops = flops_lib.compiled_flops(compiled)
+  peak = tc.peak_flops or flops_lib.measure_matmul_peak()
+
+  logger = MetricsLogger(workdir, total_steps, tensorboard=tc.tensorboard)
+  losses: list[float] = []
+  window = {"images": 0, "real": 0, "tokens": 0, "rows": 0, "wait": 0.0}
+  t_window = time.perf_counter()
+  pending_metrics = []
+  step = start_step
+  try:
+    while step < total_steps:
+      t0 = time.perf_counter()
+      batch = next(data_iter)
+      window["wait"] += time.perf_counter() - t0
+      images, real, tokens = _host_batch_stats(batch)
+      window["images"] += images
+      window["real"] += real
+      window["tokens"] += tokens
+      window["rows"] += batch["segment_ids"].shape[0]
+      state, metrics = compiled(state, batch)
+      step += 1
+      pending_metrics.append(metrics["loss"])
+      ckpt.save(step, state, data_iter)
+      if step % tc.log_every == 0 or step == total_steps:
+        host = jax.device_get(metrics)
+        losses.extend(float(x) for x in jax.device_get(pending_metrics))
+        pending_metrics.clear()
+        if not np.isfinite(host["loss"]):
+          raise FloatingPointError(
+              f"loss is {host['loss']} at step {step}; last good checkpoint: "
+              f"{ckpt.latest_step()} in {ckpt.directory}")
+        elapsed = time.perf_counter() - t_window
+        n_steps = window["rows"] / batch["segment_ids"].shape[0]
+        out = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
+        out.update(
+            images_per_s=window["images"] / elapsed,
+            tokens_per_s=window["real"] / elapsed,
+            padding=1.0 - window["real"] / max(window["tokens"], 1),
+            images_per_row=window["images"] / max(window["rows"], 1),
+            data_wait_frac=window["wait"] / elapsed,
+            step_time=elapsed / n_steps,
+            mfu=step_flops * n_steps / elapsed / peak,
+        )
+        logger.log(step, out)
+        window = dict.fromkeys(window, 0)
+        t_window = time.perf_counter()
+    ckpt.save(step, state, data_iter, force=True)
+  finally:
+    ckpt.close()
+    logger.close()
+  final_model = nnx.merge(graphdef, state["params"], rest)
+  return TrainResult(losses=losses, final_step=step, model=final_model, workdir=workdir)
