@@ -11,10 +11,10 @@ def get_config(arg: str = ""):
   del arg
   c = default_config()
   c.task = "contrastive"
-  c.model.image.variant = "mu/8"
+  c.model.image.variant = "nano/8"
   c.model.image.posemb = "learned"
   c.model.image.posemb_resolution = 16
-  c.model.text.variant = "mu"
+  c.model.text.variant = "nano"
   c.model.text.vocab_size = 64  # the demo captions use a few dozen words
   c.model.text.max_len = 16
   c.data.tokenizer.lowercase = True
@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 1e-4
-  c.train.total_steps = 600
+  c.train.total_steps = 1000
   c.train.log_every = 50
   c.train.checkpoint_every = 300
   return c

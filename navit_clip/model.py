@@ -21,9 +21,13 @@ TASKS = ("contrastive", "classification")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / ||x|| over the last axis, in float32; a zero vector (an empty slot) stays zero."""
+  """x / ||x|| over the last axis, in float32.
+
+  A zero vector (an empty slot) stays zero with a finite gradient: the norm is clamped
+  before the square root, not after (d||x||/dx is 0/0 at x = 0).
+  """
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class TwoTower(nnx.Module):

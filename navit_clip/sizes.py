@@ -14,7 +14,8 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    "mu": Size(32, 1, 128, 2),  # tests and the CPU demo
+    "mu": Size(32, 1, 128, 2),  # unit tests
+    "nano": Size(64, 4, 256, 4),  # the CPU demo
     "Ti": Size(192, 12, 768, 3),
     "S": Size(384, 12, 1536, 6),
     "M": Size(512, 12, 2048, 8),

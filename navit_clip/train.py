@@ -159,7 +159,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         logger.log(step, out)
         window = dict.fromkeys(window, 0)
         t_window = time.perf_counter()
-    ckpt.save(step, state, data_iter, force=True)
+    ckpt.wait()
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, data_iter, force=True)
   finally:
     ckpt.close()
     logger.close()

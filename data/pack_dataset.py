@@ -1,0 +1,178 @@
+"""Grain integration: a packing `IterDataset` that yields batches of the packed contract.
+
+`PackedBatchDataset(parent, spec, packer=...)` takes a Grain `IterDataset` of per-image
+examples (see `navit_clip.data.pack`) and yields packed batches (`navit_clip.data.batch`).
+
+packer:
+- first_fit, best_fit, window_best_fit: our planners (`navit_clip.data.pack`). An image that
+  fits no row waits for a later row, so padding does not depend on how many rows are open.
+- grain_first_fit, grain_best_fit: Grain's `FirstFitPackIterDataset` /
+  `BestFitPackIterDataset`, wrapped: per-token features (patches, positions, grid) pack at
+  length L, each caption at length M*T (its slot's T tokens line up with its patches'
+  segment), scalars (example id, label) as length-1 items at length M, with
+  `max_sequences_per_bin=M`; the rows are converted to the contract and batched. They serve,
+  but when one image fits no open bin they emit every open bin, so their padding depends on
+  the bin count (several percent at 16-64 bins). Hence the planners of our own.
+
+Checkpoints. Our iterator's state is the parent's state at an anchor at or before the
+oldest pending image, the number of images pulled since, and the planner's state (keys of
+the pending images). `set_state` restores the parent to the anchor, pulls the same images
+again, keeps the pending ones and drops the rest: a resumed stream yields exactly the
+batches of the unbroken one. Anchors are taken once per batch, so the parent's `get_state`
+costs nothing per image. Pack after `mp_prefetch`, so batches do not depend on workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import functools
+from typing import Any
+
+import grain
+import numpy as np
+
+from navit_clip.data.batch import BatchSpec
+from navit_clip.data.pack import ALGORITHMS, Packer, example_length
+
+GRAIN_PACKERS = ("grain_first_fit", "grain_best_fit")
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+  """Iterator of `PackedBatchDataset` for our planners; checkpointable by replay."""
+
+  def __init__(self, parent: grain.DatasetIterator, spec: BatchSpec, packer: str,
+               window: int, bins: int):
+    super().__init__(parent)
+    self._packer = Packer(spec, packer, window, bins)
+    # (key of the next image to be pulled, parent state before pulling it), oldest first.
+    self._anchors: collections.deque[tuple[int, Any]] = collections.deque()
+
+  def _pull(self) -> dict | None:
+    try:
+      return next(self._parent)
+    except StopIteration:
+      return None
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._anchors.append((self._packer.next_key, copy.deepcopy(self._parent.get_state())))
+    batch = self._packer.next_batch(self._pull)
+    oldest = min(self._packer.pending(), default=self._packer.next_key)
+    while len(self._anchors) > 1 and self._anchors[1][0] <= oldest:
+      self._anchors.popleft()
+    if batch is None:
+      raise StopIteration
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    if self._anchors:
+      key, parent_state = self._anchors[0]
+    else:
+      key, parent_state = self._packer.next_key, self._parent.get_state()
+    return {"parent": copy.deepcopy(parent_state), "anchor_key": key,
+            "packer": copy.deepcopy(self._packer.get_state())}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    key = int(state["anchor_key"])
+    packer_state = state["packer"]
+    examples = {}
+    for k in range(key, int(packer_state["next_key"])):
+      example = self._pull()
+      if example is None:
+        raise ValueError(f"cannot restore the packing state: the parent ended after "
+                         f"{k - key} of the {packer_state['next_key'] - key} images to replay")
+      examples[k] = example
+    self._packer.set_state(packer_state, examples)
+    self._anchors = collections.deque([(key, copy.deepcopy(state["parent"]))])
+
+
+def _grain_example(example: dict, spec: BatchSpec) -> dict[str, np.ndarray]:
+  """A per-image example in the layout Grain's packers take (see the module docstring)."""
+  n = example_length(example, spec)
+  out = {
+      "patches": example["patches"],
+      "positions": np.asarray(example["positions"], np.int32),
+      "grid_hw": np.broadcast_to(np.asarray(example["grid_hw"], np.int32), (n, 2)).copy(),
+      "example_id": np.array([example["example_id"]], np.int64),
+  }
+  if spec.text_len is not None:
+    out["text_tokens"] = np.asarray(example["text_tokens"], np.int32)
+  if spec.num_classes is not None:
+    dtype = np.float32 if spec.multi_label else np.int32
+    out["labels"] = np.asarray(example["labels"], dtype)[None]
+  return out
+
+
+def _contract_row(row: dict[str, np.ndarray], spec: BatchSpec) -> dict[str, np.ndarray]:
+  """One row of Grain's packer output as one row of the packed-batch contract."""
+  mask = row["example_id_segment_ids"] > 0
+  out = {
+      "patches": row["patches"],
+      "segment_ids": row["patches_segment_ids"].astype(np.int32),
+      "positions": row["positions"],
+      "grid_hw": row["grid_hw"],
+      "image_mask": mask,
+      "example_id": np.where(mask, row["example_id"], -1).astype(np.int64),
+  }
+  if spec.text_len is not None:
+    out["text_tokens"] = row["text_tokens"].reshape(spec.max_images, spec.text_len)
+  if spec.num_classes is not None:
+    out["labels"] = row["labels"]
+  return out
+
+
+def _stack_rows(rows: list[dict[str, np.ndarray]], spec: BatchSpec) -> dict[str, np.ndarray]:
+  """Stacks up to B contract rows into a batch; missing rows are padding."""
+  batch = spec.zeros()
+  for name, arr in batch.items():
+    arr[:len(rows)] = np.stack([row[name] for row in rows])
+  return batch
+
+
+class PackedBatchDataset(grain.IterDataset):
+  """Packs a Grain `IterDataset` of per-image examples into batches of `spec`.
+
+  Args:
+    parent: yields per-image example dicts (see `navit_clip.data.pack`).
+    spec: the batch shape (B, L, M, P, C, T, K).
+    packer: one of ALGORITHMS or GRAIN_PACKERS (see the module docstring).
+    window: images kept pending by window_best_fit.
+    bins: rows kept open by first_fit / best_fit, and Grain's `num_packing_bins`.
+    seed, shuffle_bins: passed to Grain's packers (ignored by ours, which keep row order).
+  """
+
+  def __init__(self, parent: grain.IterDataset, spec: BatchSpec, *,
+               packer: str = "window_best_fit", window: int = 256, bins: int = 64,
+               seed: int = 0, shuffle_bins: bool = False):
+    if packer not in ALGORITHMS + GRAIN_PACKERS:
+      raise ValueError(f"packer {packer!r}; expected one of "
+                       f"{list(ALGORITHMS + GRAIN_PACKERS)}")
+    super().__init__(parent)
+    self._spec, self._packer, self._window, self._bins = spec, packer, window, bins
+    self._grain = None
+    if packer in GRAIN_PACKERS:
+      m = spec.max_images
+      lengths = {"patches": spec.seq_len, "positions": spec.seq_len,
+                 "grid_hw": spec.seq_len, "example_id": m}
+      if spec.text_len is not None:
+        lengths["text_tokens"] = m * spec.text_len
+      if spec.num_classes is not None:
+        lengths["labels"] = m
+      cls = (grain.experimental.FirstFitPackIterDataset if packer == "grain_first_fit"
+             else grain.experimental.BestFitPackIterDataset)
+      packed = cls(parent.map(functools.partial(_grain_example, spec=spec)),
+                   length_struct=lengths, num_packing_bins=bins, seed=seed,
+                   shuffle_bins=shuffle_bins, max_sequences_per_bin=m)
+      self._grain = (packed.map(functools.partial(_contract_row, spec=spec))
+                     .batch(spec.batch_size,
+                            batch_fn=functools.partial(_stack_rows, spec=spec)))
+
+  def __iter__(self) -> grain.DatasetIterator:
+    if self._grain is not None:
+      return self._grain.__iter__()
+    return PackedBatchIterator(self._parent.__iter__(), self._spec, self._packer,
+                               self._window, self._bins)
+
+  def __str__(self) -> str:
+    return f"PackedBatchDataset(packer={self._packer})"

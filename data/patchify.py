@@ -1,0 +1,71 @@
+"""Resizing an image and cutting it into a row-major sequence of flattened patches."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def _check_image(image: np.ndarray) -> None:
+  if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+    dtype = getattr(image, "dtype", type(image).__name__)
+    raise ValueError(f"image must be a uint8 np.ndarray [H, W, C], got {dtype}")
+  if image.ndim != 3 or min(image.shape) < 1:
+    raise ValueError(f"image must have shape [H, W, C] with every dim >= 1, got "
+                     f"{list(image.shape)}")
+
+
+def resize(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+  """Resizes with PIL's bilinear filter (antialiased when shrinking).
+
+  Args:
+    image: uint8 [H, W, C], any number of channels (three go through PIL at once, others
+      one channel at a time).
+    size_hw: target (height, width) in pixels, each >= 1.
+
+  Returns:
+    uint8 [height, width, C]; the input itself when it already has that size.
+  """
+  _check_image(image)
+  h, w = int(size_hw[0]), int(size_hw[1])
+  if h < 1 or w < 1:
+    raise ValueError(f"resize target must be >= 1 pixel a side, got ({h}, {w})")
+  if image.shape[:2] == (h, w):
+    return image
+  if image.shape[2] == 3:
+    out = Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(out)
+  planes = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]))
+                       .resize((w, h), Image.Resampling.BILINEAR))
+            for c in range(image.shape[2])]
+  return np.stack(planes, axis=-1)
+
+
+def patchify(image: np.ndarray, patch_size: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Cuts an image whose sides are multiples of the patch size into patches.
+
+  Args:
+    image: uint8 [H, W, C], H and W multiples of P = `patch_size`.
+    patch_size: P.
+
+  Returns:
+    patches: uint8 [n, P*P*C], n = (H/P) * (W/P), patches in row-major grid order, each
+      flattened row-major over its pixels with the channel fastest (like image[r, c, :]).
+    positions: int32 [n, 2], the (row, col) of each patch in the grid.
+    grid_hw: int32 [2], the grid's (rows, cols) = (H/P, W/P).
+  """
+  _check_image(image)
+  if patch_size < 1:
+    raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+  h, w, c = image.shape
+  if h % patch_size or w % patch_size:
+    raise ValueError(f"image size ({h}, {w}) is not a multiple of patch size {patch_size}; "
+                     "resize to a patch-rounded size first")
+  gh, gw = h // patch_size, w // patch_size
+  patches = (image.reshape(gh, patch_size, gw, patch_size, c)
+             .transpose(0, 2, 1, 3, 4)
+             .reshape(gh * gw, patch_size * patch_size * c))
+  rows, cols = np.divmod(np.arange(gh * gw, dtype=np.int32), np.int32(gw))
+  positions = np.stack([rows, cols], axis=-1)
+  return np.ascontiguousarray(patches), positions, np.array([gh, gw], np.int32)

@@ -1,0 +1,69 @@
+"""Every recipe in configs/ validates, builds abstractly, and has the expected size."""
+
+import jax
+import pytest
+from flax import nnx
+
+from navit_clip import config as config_lib
+from navit_clip.config_loading import apply_overrides, load_config
+from navit_clip.model import build_model
+
+RECIPES = ["demo", "demo_classification", "siglip_navit_b16", "clip_navit_b16",
+           "siglip_navit_so400m14", "jft_navit_b16"]
+
+
+def _param_counts(config) -> dict[str, int]:
+  """Parameter count per top-level submodule, without allocating any parameter memory."""
+  model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+  params = nnx.state(model, nnx.Param)
+  counts = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    top = str(path[0].key)
+    counts[top] = counts.get(top, 0) + leaf.size
+  return counts
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_validates(name):
+  config_lib.validate(load_config(name))
+
+
+@pytest.mark.parametrize("name, image_millions, text_millions", [
+    ("siglip_navit_b16", (86, 95), (100, 115)),  # ViT-B/16 86M + MAP head; B text, 32k vocab
+    ("siglip_navit_so400m14", (400, 440), (420, 460)),
+])
+def test_large_recipe_sizes(name, image_millions, text_millions):
+  counts = _param_counts(load_config(name))
+  image, text = counts["image"] / 1e6, counts["text"] / 1e6
+  assert image_millions[0] <= image <= image_millions[1], image
+  assert text_millions[0] <= text <= text_millions[1], text
+
+
+def test_jft_recipe_size():
+  counts = _param_counts(load_config("jft_navit_b16"))
+  assert 86 <= counts["image"] / 1e6 <= 95
+  assert counts["head"] == 768 * 29_593 + 29_593
+
+
+def test_overrides_are_typed_and_named():
+  c = load_config("demo")
+  apply_overrides(c, ["optim.lr=0.5", "model.image.variant=S/16", "train.total_steps=7",
+                      "model.image.qk_norm=false"])
+  assert c.optim.lr == 0.5 and c.model.image.variant == "S/16"
+  assert c.train.total_steps == 7 and c.model.image.qk_norm is False
+  with pytest.raises(ValueError, match="optim.nope"):
+    apply_overrides(c, ["optim.nope=1"])
+  with pytest.raises(ValueError, match="train.total_steps"):
+    apply_overrides(c, ["train.total_steps=many"])
+
+
+def test_unknown_recipe_lists_known_ones():
+  with pytest.raises(ValueError, match="known: .*demo"):
+    load_config("no_such_recipe")
+
+
+def test_validate_names_the_bad_key():
+  c = load_config("demo")
+  c.model.image.posemb = "rotary"
+  with pytest.raises(ValueError, match="model.image.posemb"):
+    config_lib.validate(c)
