@@ -4,7 +4,7 @@
     navit-clip train --config demo --workdir /tmp/demo --config.train.total_steps=100
 """
 
-from navit_clip.config import default_config
+from navit_clip.config import default_config, eval_config
 
 
 def get_config(arg: str = ""):
@@ -32,4 +32,9 @@ def get_config(arg: str = ""):
   c.train.total_steps = 1000
   c.train.log_every = 50
   c.train.checkpoint_every = 300
+  # Zero-shot on held-out images, by shape, colour and both, at 32 patches an image; the
+  # colour task also runs inside training every 500 steps.
+  for task in ("shape", "color", "label"):
+    c.evals[task] = eval_config("zeroshot", f"demo:{task}", resolution="budget:32")
+  c.evals.color.every_steps = 500
   return c

@@ -1,12 +1,18 @@
-"""Per-example work: one source record -> one packable example.
+"""Per-example work: one source record -> one packable example, or a skip marker.
 
 Runs in Grain worker processes (so it is picklable and import-safe). For record i of the
 stream, with randomness drawn from (seed, i) only, so the result does not depend on worker
 count or order:
 
-  image uint8 [H, W, C] --resolution sampling (aspect kept, patch-rounded, fits L)-->
-  resize --> patchify uint8 [n, P*P*C], positions int32 [n, 2], grid_hw int32 [2]
-  --> token dropping (rate per image) --> caption tokens int32 [T] / labels
+  image (encoded bytes, or uint8 [H, W, C]) --header: size, orientation, limits-->
+  resolution sampling (aspect kept, patch-rounded, fits L) --> decode (a JPEG at reduced
+  scale when much larger than the target) --> resize --> patchify uint8 [n, P*P*C],
+  positions int32 [n, 2], grid_hw int32 [2] --> token dropping (rate per image)
+  --> caption (one of several, drawn from (seed, i, 1)) --> tokens int32 [T] / labels
+
+A record that cannot be used (bad bytes, no usable caption, a bad label) becomes a skip
+marker naming the reason (`navit_clip.data.counters`); markers from the source pass through.
+Counting and removing them happens in the main process, so the counts are exact.
 """
 
 from __future__ import annotations
@@ -16,10 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from navit_clip.data.captions import CaptionError, choose_caption
+from navit_clip.data.counters import NOTES_KEY, is_skip, skip_marker
+from navit_clip.data.decode import DecodeError, DecodeLimits, open_image
 from navit_clip.data.patchify import patchify, resize
 from navit_clip.data.resolution import ResolutionSampler
 from navit_clip.data.token_drop import TokenDropper, drop_tokens
 from navit_clip.text.tokenizer import Tokenizer
+
+_CAPTION_STREAM = 1  # the caption choice draws from (seed, index, _CAPTION_STREAM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +42,17 @@ class Preprocessor:
     sampler: target size per image (its max_patches is the sequence length L).
     dropper: token drop rate per image.
     seed: the stream's seed; record i draws from np.random.default_rng((seed, i)).
-    tokenizer: encodes "caption" into "text_tokens" [T] (contrastive mode), or None.
+    tokenizer: encodes the chosen caption into "text_tokens" [T] (contrastive mode), or None.
     label_field: record field copied to "labels" (classification mode), or None.
     num_classes / multi_label: labels become int32 scalars, or float32 multi-hot [K] when
       `multi_label` (the record then holds a list of class indices).
+    limits: what the decoder refuses (bombs, tiny images, extreme aspects, mislabels).
+    draft: decode JPEGs at reduced scale when the target is at most half their size.
+    caption_repair: "replace" invalid UTF-8 (noted) or "skip" the record.
+
+  Records: "image" is encoded bytes (any format of navit_clip.data.decode.FORMATS, with an
+  optional "image_format" naming the declared format) or a decoded uint8 [H, W, C] array;
+  "caption" is a str, bytes or a list of them; "example_id" an int.
   """
 
   patch_size: int
@@ -45,32 +63,73 @@ class Preprocessor:
   label_field: str | None = None
   num_classes: int = 0
   multi_label: bool = False
+  limits: DecodeLimits = DecodeLimits()
+  draft: bool = True
+  caption_repair: str = "replace"
 
   def __call__(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
-    """Record number `index` of the stream -> packable example (see module docstring)."""
-    rng = np.random.default_rng((self.seed, index))
-    image = record["image"]
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
-      raise ValueError(f"record {record.get('example_id', index)}: 'image' must be a "
-                       f"decoded uint8 [H, W, C] array, got {type(image).__name__}")
-    h, w = self.sampler(rng, image.shape[0], image.shape[1])
+    """Record number `index` of the stream -> packable example or skip marker."""
+    if is_skip(record):
+      return record
+    example_id = int(record.get("example_id", index))
+    notes = []
+    text_tokens = labels = None
+    try:
+      if self.tokenizer is not None:
+        caption_rng = np.random.default_rng((self.seed, index, _CAPTION_STREAM))
+        caption, repaired = choose_caption(record.get("caption"), caption_rng,
+                                           self.caption_repair)
+        if repaired:
+          notes.append("caption_repaired")
+        text_tokens = self.tokenizer.encode([caption])[0]
+      if self.label_field is not None:
+        labels = self._labels(record.get(self.label_field))
+        if labels is None:
+          return skip_marker("bad_label", example_id)
+      rng = np.random.default_rng((self.seed, index))
+      image = record.get("image")
+      if image is None:
+        return skip_marker("missing_image", example_id)
+      if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3:
+          raise ValueError(f"record {example_id}: a decoded 'image' must be uint8 "
+                           f"[H, W, C], got {image.dtype}{list(image.shape)}")
+        h, w = self.sampler(rng, image.shape[0], image.shape[1])
+      else:
+        opened = open_image(bytes(image), self.limits, record.get("image_format"))
+        if opened.mislabelled:
+          notes.append("mislabelled")
+        h, w = self.sampler(rng, *opened.size_hw)
+        image = opened.load((h, w) if self.draft else None)
+    except (DecodeError, CaptionError) as e:
+      return skip_marker(e.reason, example_id)
     patches, positions, grid_hw = patchify(resize(image, (h, w)), self.patch_size)
     rate = self.dropper.sample_rate(rng, patches.shape[0], images_seen=index)
     patches, positions, _ = drop_tokens(rng, patches, positions, rate)
     out = {"patches": patches, "positions": positions, "grid_hw": grid_hw,
-           "example_id": np.int64(record["example_id"])}
-    if self.tokenizer is not None:
-      out["text_tokens"] = self.tokenizer.encode([record["caption"]])[0]
-    if self.label_field is not None:
-      out["labels"] = self._labels(record[self.label_field])
+           "example_id": np.int64(example_id)}
+    if text_tokens is not None:
+      out["text_tokens"] = text_tokens
+    if labels is not None:
+      out["labels"] = labels
+    if notes:
+      out[NOTES_KEY] = tuple(notes)
     return out
 
-  def _labels(self, value) -> np.ndarray:
+  def on_pair(self, pair: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+    """`self(index, record)` for streams that carry their position: (index, record)."""
+    return self(*pair)
+
+  def _labels(self, value) -> np.ndarray | None:
+    """int32 scalar or float32 multi-hot [K]; None if missing or out of [0, K)."""
+    if value is None:
+      return None
+    indices = np.asarray(value).reshape(-1)
+    if indices.dtype.kind not in "iu" or np.any(indices < 0) or np.any(
+        indices >= self.num_classes):
+      return None
     if not self.multi_label:
-      label = int(value)
-      if not 0 <= label < self.num_classes:
-        raise ValueError(f"label {label} is outside [0, num_classes={self.num_classes})")
-      return np.int32(label)
+      return np.int32(indices[0]) if indices.size == 1 else None
     multi_hot = np.zeros((self.num_classes,), np.float32)
-    multi_hot[np.asarray(value, np.int64).reshape(-1)] = 1.0
+    multi_hot[indices] = 1.0
     return multi_hot

@@ -19,12 +19,11 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Saves and restores (train state, data iterator) under `directory`."""
 
-  def __init__(self, directory: str, *, save_interval_steps: int = 1000,
-               max_to_keep: int | None = 3, keep_period: int | None = None,
-               async_save: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3,
+               keep_period: int | None = None, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        max_to_keep=max_to_keep,
         keep_period=keep_period, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
@@ -35,13 +34,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator | None = None, *,
-           force: bool = False) -> bool:
-    """Starts saving `state` (and the iterator position) at `step`; True if a save began."""
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator | None = None) -> bool:
+    """Starts saving `state` (and the iterator position) at `step`; True if a save began.
+
+    The caller decides when to save; every call saves (Orbax's own interval is not used).
+    """
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int | None, abstract_state,
               data_iterator: grain.DatasetIterator | None = None):

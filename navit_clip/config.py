@@ -13,8 +13,9 @@ import re
 import ml_collections
 
 from navit_clip.attention import BACKENDS
-from navit_clip.losses import LOSSES
+from navit_clip.losses import CONTRASTIVE_LOSSES, LOSSES
 from navit_clip.optim import OPTIMIZERS, SCHEDULES, parse_lr_mults
+from navit_clip.sharding import DEFAULT_RULES, parse_mesh, parse_rules
 from navit_clip.sizes import parse_variant
 
 POSEMB_KINDS = ("learned", "sincos", "fourier")
@@ -23,8 +24,38 @@ RESOLUTION_KINDS = ("uniform_side", "truncnorm_side", "fixed_area", "patch_budge
 TOKEN_DROP_KINDS = ("none", "constant", "beta", "resolution")
 PACKERS = ("first_fit", "best_fit", "window_best_fit", "grain_first_fit", "grain_best_fit")
 DTYPES = ("float32", "bfloat16")
+DISTRIBUTED_INIT = ("auto", "yes", "no")
 REMAT = ("none", "full", "dots")
 TEXT_POOLS = ("eos", "map", "mean")
+DATA_SOURCES = ("demo", "arrayrecord", "folder", "class_folders", "webdataset", "tfrecord",
+                "mixture")
+EVAL_KINDS = ("zeroshot", "retrieval", "resolutions")
+
+
+def eval_config(kind: str, dataset: str, **overrides) -> ml_collections.ConfigDict:
+  """One evaluator of `config.evals` (see navit_clip.evaluate.runner), with its defaults.
+
+  Recipes add evaluators by name: `c.evals.imagenet = eval_config("zeroshot", "folder:DIR",
+  classnames="imagenet", every_steps=5000)`.
+  """
+  e = ml_collections.ConfigDict()
+  e.kind = kind  # one of EVAL_KINDS
+  e.dataset = dataset  # see navit_clip.evaluate.datasets: demo:TASK | folder:DIR | coco:... | ...
+  e.every_steps = 0  # run inside training after every N-th step; 0 = standalone only
+  e.resolution = "budget:256"  # inference policy: budget:N | side:S | native
+  e.budgets = "64,128,256,576,1024"  # resolutions: the patch budgets of the sweep
+  e.classnames = ""  # zeroshot: shipped list ("imagenet") or file; "" = the dataset's
+  e.templates = ""  # zeroshot: "clip" | "clip_short" | file; "" = the dataset's, else "clip"
+  e.split = "test"  # karpathy / tfds split
+  e.images_dir = ""  # coco / karpathy: image root ("" = the annotation file's directory)
+  e.data_dir = ""  # tfds data directory
+  e.max_examples = 0  # evaluate the first N records only; 0 = all
+  e.batch_size = 0  # inference batch rows; 0 = config.data.batch_size
+  e.seq_len = 0  # tokens per row; 0 = max(config.data.seq_len, what the policy needs)
+  e.max_images = 0  # images per row; 0 = config.data.max_images
+  e.num_workers = 0  # Grain decoding processes
+  e.update(overrides)
+  return e
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -118,17 +149,54 @@ def default_config() -> ml_collections.ConfigDict:
   loss.name = "sigmoid"  # one of LOSSES: sigmoid | softmax | sigmoid_xent | softmax_xent
   loss.init_t = ml_collections.config_dict.placeholder(float)  # None: 10 / 1/0.07
   loss.init_b = ml_collections.config_dict.placeholder(float)  # None: -10 / none (softmax)
+  loss.chunked = False  # contrastive: across devices, no global logits (chunked_loss)
+
+  # Devices (navit_clip.sharding): mesh axis sizes, -1 = the devices left over.
+  c.mesh = "data:-1,fsdp:1,model:1"
+  sh = c.sharding = ml_collections.ConfigDict()
+  sh.rules = DEFAULT_RULES  # "regex=axes;..." tensor-parallel rules over "model"
+  sh.fsdp_min_size = 2 ** 14  # leaves with fewer elements stay replicated over "fsdp"
+
+  # Several processes (navit_clip.distributed): explicit coordinator or detected cluster.
+  dist = c.distributed = ml_collections.ConfigDict()
+  dist.initialize = "auto"  # auto (detect Slurm / Cloud TPU / JAX_COORDINATOR_ADDRESS) | yes | no
+  dist.coordinator = ""  # "host:port" of process 0; set with num_processes and process_id
+  dist.num_processes = 0
+  dist.process_id = -1
+  dist.cpu_collectives = "gloo"  # collectives between processes on CPU devices
 
   # Task and run.
   c.task = "contrastive"  # contrastive (two towers) | classification (image tower + head)
   c.model.num_classes = 0  # classification: K
   c.model.head_bias_init = 0.0  # classification head bias (e.g. -10 for JFT multi-label)
-  d.source = "demo"  # one of navit_clip.data.pipeline.SOURCES
+  d.source = "demo"  # one of DATA_SOURCES
+  d.train_files = ""  # "a/shard-{00000..00099}.tar,b/*.tfrecord"; a folder for folder sources
+  d.eval_files = ""  # the same for evaluation (random-access sources)
+  d.mixture = ""  # source "mixture": "kind:files=weight;kind:files=weight"
   d.source_seed = 0  # the demo source's generator seed
   d.num_train_examples = 50_000  # demo source size
   d.num_eval_examples = 1_000
   d.label_field = "label"  # classification: record field holding the class
+  d.num_epochs = 0  # passes over the training data; 0 = endless
   d.num_workers = 0  # Grain worker processes for per-example work (0 = in process)
+  d.shard_by_process = True  # each JAX process reads its own share (records or files)
+  d.cycle_length = 16  # streamed sources: files read at once, interleaved
+  d.shuffle_window = 1024  # streamed sources: records shuffled within windows (1 = off)
+  d.max_member_bytes = 32 << 20  # webdataset: larger tar members are refused and counted
+  d.caption_repair = "replace"  # invalid UTF-8 captions: "replace" (counted) or "skip"
+  d.max_bad_fraction = 0.5  # stop when more than this share of records is unusable
+  d.bad_check_min_records = 1000  # ... once at least this many records have been read
+  dec = d.decode = ml_collections.ConfigDict()
+  dec.draft = True  # decode JPEGs at 1/2, 1/4, 1/8 scale when the target is that small
+  dec.max_pixels = 100_000_000  # larger images are decompression bombs (0 = no limit)
+  dec.min_side = 8  # images with a shorter side are skipped (0 = none)
+  dec.max_aspect = 20.0  # images with a longer long/short side ratio are skipped (0 = none)
+  dec.mislabelled = "decode"  # content != declared format: "decode" (counted) or "skip"
+  keys = d.example_keys = ml_collections.ConfigDict()  # tf.train.Example features
+  keys.image = "image/encoded"  # encoded image bytes
+  keys.caption = "caption"  # one caption or several (WebLI: "texts"); "" = none
+  keys.example_id = "example_id"  # int64 id; "" = derived from the position
+  keys.image_format = "image/format"  # declared format; "" = none
 
   t = c.train = ml_collections.ConfigDict()
   t.total_steps = 1000  # micro-batches (each one packed batch)
@@ -138,6 +206,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_period = 0  # and every N-th step forever (0 = none)
   t.peak_flops = 0.0  # device peak for MFU; 0 = measure a matmul at start
   t.tensorboard = True
+
+  # Evaluators, by name -> eval_config(...); none by default.
+  c.evals = ml_collections.ConfigDict()
   return c
 
 
@@ -196,6 +267,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not 1 <= d.token_drop.min_tokens < d.token_drop.max_tokens:
     raise ValueError("config.data.token_drop needs 1 <= min_tokens < max_tokens, got "
                      f"{d.token_drop.min_tokens}, {d.token_drop.max_tokens}")
+  choice("data.source", d.source, DATA_SOURCES)
+  if d.source not in ("demo", "mixture") and not d.train_files:
+    raise ValueError(f"config.data.source = {d.source!r} needs config.data.train_files")
+  if d.source == "mixture" and not d.mixture:
+    raise ValueError("config.data.source = 'mixture' needs config.data.mixture = "
+                     "'kind:files=weight;...'")
+  choice("data.caption_repair", d.caption_repair, ("replace", "skip"))
+  choice("data.decode.mislabelled", d.decode.mislabelled, ("decode", "skip"))
+  for key in ("num_epochs", "num_workers", "bad_check_min_records"):
+    if d[key] < 0:
+      raise ValueError(f"config.data.{key} = {d[key]} must be >= 0")
+  for key in ("cycle_length", "shuffle_window", "max_member_bytes"):
+    if d[key] < 1:
+      raise ValueError(f"config.data.{key} = {d[key]} must be >= 1")
+  if not 0.0 < d.max_bad_fraction <= 1.0:
+    raise ValueError(f"config.data.max_bad_fraction = {d.max_bad_fraction} must be in (0, 1]")
+  for key in ("max_pixels", "min_side", "max_aspect"):
+    if d.decode[key] < 0:
+      raise ValueError(f"config.data.decode.{key} = {d.decode[key]} must be >= 0 (0 = off)")
   if d.pack_window < 1 or d.pack_bins < 1:
     raise ValueError(f"config.data.pack_window = {d.pack_window} and pack_bins = "
                      f"{d.pack_bins} must be >= 1")
@@ -222,9 +312,53 @@ def validate(c: ml_collections.ConfigDict) -> None:
     parse_lr_mults(o.lr_mults)
   except ValueError as e:
     raise ValueError(f"config.optim.lr_mults = {o.lr_mults!r}: {e}") from e
+  for name, e in c.evals.items():
+    _validate_eval(name, e, choice)
   choice("loss.name", c.loss.name, LOSSES)
+  if c.loss.chunked and c.loss.name not in CONTRASTIVE_LOSSES:
+    raise ValueError(f"config.loss.chunked applies to the contrastive losses "
+                     f"{list(CONTRASTIVE_LOSSES)}, not {c.loss.name!r}")
+  try:
+    parse_mesh(c.mesh)
+  except ValueError as e:
+    raise ValueError(f"config.mesh = {c.mesh!r}: {e}") from e
+  try:
+    parse_rules(c.sharding.rules)
+  except ValueError as e:
+    raise ValueError(f"config.sharding.rules: {e}") from e
+  if c.sharding.fsdp_min_size < 0:
+    raise ValueError(f"config.sharding.fsdp_min_size = {c.sharding.fsdp_min_size} must be "
+                     ">= 0")
+  dist = c.distributed
+  choice("distributed.initialize", dist.initialize, DISTRIBUTED_INIT)
+  if dist.coordinator and not 0 <= dist.process_id < dist.num_processes:
+    raise ValueError(f"config.distributed.coordinator = {dist.coordinator!r} needs "
+                     f"num_processes >= 1 and 0 <= process_id < num_processes, got "
+                     f"{dist.num_processes}, {dist.process_id}")
   if c.loss.init_t is not None and not c.loss.init_t > 0:
     raise ValueError(f"config.loss.init_t = {c.loss.init_t} must be > 0")
   if c.loss.init_b is not None and c.loss.name != "sigmoid":
     raise ValueError(f"config.loss.init_b = {c.loss.init_b} is set but loss "
                      f"{c.loss.name!r} has no bias")
+
+
+def _validate_eval(name: str, e: ml_collections.ConfigDict, choice) -> None:
+  """Checks one entry of config.evals."""
+  from navit_clip.evaluate.policy import ResolutionPolicy  # evaluation code, loaded on use
+
+  key = f"evals.{name}"
+  choice(f"{key}.kind", e.kind, EVAL_KINDS)
+  if not e.dataset:
+    raise ValueError(f"config.{key}.dataset is empty")
+  for field in ("every_steps", "max_examples", "batch_size", "seq_len", "max_images",
+                "num_workers"):
+    if e[field] < 0:
+      raise ValueError(f"config.{key}.{field} = {e[field]} must be >= 0")
+  try:
+    ResolutionPolicy.parse(e.resolution)
+    for budget in e.budgets.split(","):
+      ResolutionPolicy("budget", int(budget))
+  except ValueError as err:
+    raise ValueError(f"config.{key}: {err}") from err
+  if e.kind == "retrieval" and (e.classnames or e.templates):
+    raise ValueError(f"config.{key}: classnames / templates apply to zero-shot, not retrieval")

@@ -15,8 +15,8 @@ import time
 import ml_collections
 
 from navit_clip.config_loading import apply_overrides, load_config
-from navit_clip.data import demo_source, pipeline
-from navit_clip.evaluate import zeroshot
+from navit_clip.data import demo_source
+from navit_clip.evaluate.runner import run_all
 from navit_clip.text.tokenizer import train_tokenizer
 from navit_clip.train import train
 
@@ -37,20 +37,9 @@ def demo_config(workdir: str, overrides: list[str] = ()) -> ml_collections.Confi
 
 
 def zero_shot_report(model, config: ml_collections.ConfigDict) -> dict[str, dict]:
-  """Zero-shot accuracy on the held-out demo split for each demo task."""
-  tokenizer = pipeline.make_tokenizer(config)
-  source = pipeline.make_source(config, "eval")
-  resolution = ml_collections.ConfigDict(config.data.resolution.to_dict())
-  resolution.kind = "patch_budget"
-  resolution.patch_budget = config.data.seq_len // 4
-  report = {}
-  for name, task in demo_source.zero_shot_tasks().items():
-    batches = pipeline.make_eval_dataset(config, source, label_field=task.label_field,
-                                         num_classes=len(task.classnames),
-                                         resolution=resolution)
-    report[name] = zeroshot.evaluate(model, tokenizer, batches, task.classnames,
-                                     task.templates)
-  return report
+  """The zero-shot evaluators of config.evals (configs/demo.py: shape, color, label)."""
+  names = [n for n, e in config.evals.items() if e.kind == "zeroshot"]
+  return run_all(model, config, names)
 
 
 def run_demo(workdir: str, overrides: list[str] = ()) -> dict[str, dict]:

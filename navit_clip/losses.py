@@ -13,6 +13,10 @@ classification and retrieval), the learned log-temperature t' (t = exp(t')) and 
 optional bias b: logits_ij = t * <img_i, txt_j> + b, and caption j belongs to image j.
 Logits and losses are float32 whatever the input dtype. Every loss returns
 (loss, metrics): a float32 scalar and a dict of float32 scalars.
+
+With `chunked=True` (names "sigmoid_chunked" / "softmax_chunked" in `contrastive_loss`) a
+contrastive loss runs across the devices of the current mesh without the global [N, N]
+logits (navit_clip.chunked_loss): the same value and gradients, less memory.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from navit_clip import chunked_loss
+
 CONTRASTIVE_LOSSES = ("sigmoid", "softmax")
 CLASSIFICATION_LOSSES = ("sigmoid_xent", "softmax_xent")
 LOSSES = CONTRASTIVE_LOSSES + CLASSIFICATION_LOSSES
+CHUNKED_SUFFIX = "_chunked"  # "sigmoid_chunked": the sigmoid loss, chunked across devices
 
 # Initial temperature t and bias b of each contrastive loss (SigLIP; CLIP has no bias).
 _INIT_T = {"sigmoid": 10.0, "softmax": 1.0 / 0.07}
@@ -85,8 +92,12 @@ def _masked_mean(per_slot: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Arra
   return jnp.sum(jnp.where(v, per_slot, 0.0)) / jnp.maximum(n, 1.0), n
 
 
-def _contrastive_logits(img, txt, valid, logit_scale, logit_bias):
-  """Flattened [N, N] float32 logits, the [N] slot mask and the metrics t, b."""
+def _contrastive_inputs(img, txt, valid, logit_scale, logit_bias):
+  """Checked, flattened inputs of a contrastive loss.
+
+  Returns float32 [N, D] image and text embeddings (zero in empty slots), the bool [N]
+  slot mask, t = exp(logit_scale), b (None without bias) and the metrics t, b.
+  """
   _check_valid(valid, "img", img, 1)
   _check_valid(valid, "txt", txt, 1)
   if img.shape != txt.shape:
@@ -95,17 +106,22 @@ def _contrastive_logits(img, txt, valid, logit_scale, logit_bias):
   x = _flat_valid(img.astype(jnp.float32), valid)
   y = _flat_valid(txt.astype(jnp.float32), valid)
   t = jnp.exp(_scalar("logit_scale", logit_scale))
-  logits = t * (x @ y.T)
   metrics = {"t": t}
+  b = None
   if logit_bias is not None:
-    b = _scalar("logit_bias", logit_bias)
-    logits = logits + b
-    metrics["b"] = b
-  return logits, valid.reshape(-1), metrics
+    b = metrics["b"] = _scalar("logit_bias", logit_bias)
+  return x, y, valid.reshape(-1), t, b, metrics
+
+
+def _contrastive_logits(x, y, t, b):
+  """The global [N, N] float32 logits t * x_i . y_j (+ b)."""
+  logits = t * (x @ y.T)
+  return logits if b is None else logits + b
 
 
 def sigmoid_loss(img: jax.Array, txt: jax.Array, valid: jax.Array, logit_scale: jax.Array,
-                 logit_bias: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                 logit_bias: jax.Array | None = None, *,
+                 chunked: bool = False) -> tuple[jax.Array, dict]:
   """SigLIP loss over the valid pairs.
 
   loss = -(1 / n) sum_{i, j valid} log sigmoid(z_ij * (t * x_i . y_j + b)), with z_ij = 1
@@ -117,11 +133,18 @@ def sigmoid_loss(img: jax.Array, txt: jax.Array, valid: jax.Array, logit_scale: 
     valid: [B, M] bool, the slots that hold an image.
     logit_scale: scalar t' (t = exp(t')).
     logit_bias: scalar b, or None for no bias.
+    chunked: pass the texts round the ring of devices of the current mesh
+      (chunked_loss.ring_sigmoid_loss) instead of building the global logits.
 
   Returns:
     (loss, metrics): float32 scalar; metrics "t", "b" (when given), "n_valid".
   """
-  logits, v, metrics = _contrastive_logits(img, txt, valid, logit_scale, logit_bias)
+  x, y, v, t, b, metrics = _contrastive_inputs(img, txt, valid, logit_scale, logit_bias)
+  if chunked:
+    bias = jnp.zeros((), jnp.float32) if b is None else b
+    loss, metrics["n_valid"] = chunked_loss.ring_sigmoid_loss(x, y, v, t, bias)
+    return loss, metrics
+  logits = _contrastive_logits(x, y, t, b)
   z = 2.0 * jnp.eye(v.size, dtype=jnp.float32) - 1.0
   pairs = v[:, None] & v[None, :]
   nll = jnp.where(pairs, -jax.nn.log_sigmoid(z * logits), 0.0)
@@ -130,14 +153,21 @@ def sigmoid_loss(img: jax.Array, txt: jax.Array, valid: jax.Array, logit_scale: 
 
 
 def softmax_loss(img: jax.Array, txt: jax.Array, valid: jax.Array, logit_scale: jax.Array,
-                 logit_bias: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                 logit_bias: jax.Array | None = None, *,
+                 chunked: bool = False) -> tuple[jax.Array, dict]:
   """CLIP loss: mean of the image->text and text->image cross-entropies over valid pairs.
 
   Empty slots are masked out of every softmax (as candidates) and out of the mean (as
   queries). Arguments and return value as in `sigmoid_loss`; a bias shifts every logit
-  and so changes nothing.
+  and so changes nothing. `chunked`: pass images and texts round the ring of devices of
+  the current mesh (chunked_loss.ring_softmax_loss) instead of building the global logits.
   """
-  logits, v, metrics = _contrastive_logits(img, txt, valid, logit_scale, logit_bias)
+  x, y, v, t, b, metrics = _contrastive_inputs(img, txt, valid, logit_scale, logit_bias)
+  if chunked:
+    loss, metrics["n_valid"] = chunked_loss.ring_softmax_loss(
+        x, y, v, t, masked_logit=_MASKED_LOGIT)
+    return loss, metrics
+  logits = _contrastive_logits(x, y, t, b)
   img_to_txt = jax.nn.log_softmax(jnp.where(v[None, :], logits, _MASKED_LOGIT), axis=1)
   txt_to_img = jax.nn.log_softmax(jnp.where(v[:, None], logits, _MASKED_LOGIT), axis=0)
   nll = -0.5 * (jnp.diagonal(img_to_txt) + jnp.diagonal(txt_to_img))
@@ -208,11 +238,24 @@ _CLASSIFICATION: dict[str, Callable] = {"sigmoid_xent": sigmoid_xent_loss,
 def contrastive_loss(name: str, img: jax.Array, txt: jax.Array, valid: jax.Array,
                      logit_scale: jax.Array,
                      logit_bias: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """The contrastive loss called `name` ("sigmoid" | "softmax"); see `sigmoid_loss`."""
-  if name not in _CONTRASTIVE:
+  """The contrastive loss called `name`; see `sigmoid_loss`.
+
+  "sigmoid" | "softmax" build the global logits; "sigmoid_chunked" | "softmax_chunked"
+  (see `chunked_name`) compute the same loss across the devices of the current mesh.
+  """
+  base = name.removesuffix(CHUNKED_SUFFIX)
+  if base not in _CONTRASTIVE:
     raise ValueError(f"unknown contrastive loss {name!r}; expected one of "
-                     f"{list(_CONTRASTIVE)}")
-  return _CONTRASTIVE[name](img, txt, valid, logit_scale, logit_bias)
+                     f"{list(_CONTRASTIVE)}, optionally with the suffix {CHUNKED_SUFFIX!r}")
+  return _CONTRASTIVE[base](img, txt, valid, logit_scale, logit_bias, chunked=base != name)
+
+
+def chunked_name(name: str) -> str:
+  """The `contrastive_loss` name of loss `name` chunked across devices."""
+  if name not in _CONTRASTIVE:
+    raise ValueError(f"only the contrastive losses {list(_CONTRASTIVE)} can be chunked, "
+                     f"got {name!r}")
+  return name + CHUNKED_SUFFIX
 
 
 def classification_loss(name: str, logits: jax.Array, labels: jax.Array,

@@ -22,8 +22,10 @@ import optax
 from flax import nnx
 
 from navit_clip import config as config_lib
+from navit_clip import distributed, sharding
 from navit_clip import flops as flops_lib
 from navit_clip.checkpoint import Checkpointer
+from navit_clip.losses import chunked_name
 from navit_clip.metrics import MetricsLogger
 from navit_clip.model import build_model
 from navit_clip.optim import make_optimizer, make_schedule
@@ -62,7 +64,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state["step"] // accum_steps))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -78,6 +80,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   config_lib.validate(config)
+  distributed.initialize(config.distributed)
   save_config(config, workdir)
   tc = config.train
   total_steps = tc.total_steps
@@ -88,19 +91,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   dataset = pipeline.make_train_dataset(config)
   data_iter = iter(dataset)
 
-  # Model and optimizer.
+  # Devices: the mesh; batch rows split over its ("data", "fsdp") axes.
+  mesh = sharding.make_mesh(config.mesh)
+  if config.data.batch_size % sharding.batch_shards(mesh):
+    raise ValueError(f"config.data.batch_size = {config.data.batch_size} does not split over "
+                     f"the {sharding.batch_shards(mesh)} data x fsdp devices of mesh "
+                     f"{dict(mesh.shape)}")
+
+  # Model and optimizer; the state is created sharded by the rules of config.sharding.
   model = build_model(config, rngs=nnx.Rngs(config.seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params)
   updates_total = max(total_steps // config.optim.grad_accum_steps, 1)
   tx = make_optimizer(config.optim, params, updates_total)
   schedule = make_schedule(config.optim, updates_total)
-  state = {"params": params, "opt_state": tx.init(params),
-           "step": jnp.zeros((), jnp.int32)}
+
+  def init_state(params):
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  state_shardings = sharding.state_shardings(jax.eval_shape(init_state, params), mesh,
+                                             config.sharding)
+  state = jax.jit(init_state, out_shardings=state_shardings)(params)
 
   # Resume.
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                      save_interval_steps=tc.checkpoint_every, max_to_keep=tc.keep_checkpoints,
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
                       keep_period=tc.keep_period or None)
   start_step = 0
   if ckpt.latest_step() is not None:
@@ -108,15 +123,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     start_step = int(state["step"])
     print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
 
-  # Compile once for the batch spec.
-  step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule, config.loss.name,
-                                    config.optim.grad_accum_steps), donate_argnums=0)
-  spec_batch = pipeline.batch_spec(config).zeros()
-  compiled = step_fn.lower(state, spec_batch).compile()
+  # Compile once for the batch spec and the shardings.
+  loss_name = chunked_name(config.loss.name) if config.loss.chunked else config.loss.name
+  step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule, loss_name,
+                                    config.optim.grad_accum_steps),
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=0)
+  spec_batch = {k: jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
+                for k, (shape, dtype) in pipeline.batch_spec(config).shapes().items()}
+  with jax.set_mesh(mesh):
+    compiled = step_fn.lower(state, spec_batch).compile()
   step_flops = flops_lib.compiled_flops(compiled)
   peak = tc.peak_flops or flops_lib.measure_matmul_peak()
 
-  logger = MetricsLogger(workdir, total_steps, tensorboard=tc.tensorboard)
+  logger = MetricsLogger(workdir, total_steps, is_primary=jax.process_index() == 0,
+                         tensorboard=tc.tensorboard)
   losses: list[float] = []
   window = {"images": 0, "real": 0, "tokens": 0, "rows": 0, "wait": 0.0}
   t_window = time.perf_counter()
@@ -132,10 +154,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       window["real"] += real
       window["tokens"] += tokens
       window["rows"] += batch["segment_ids"].shape[0]
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, sharding.global_batch(batch, mesh,
+                                                             config.data.batch_size))
       step += 1
       pending_metrics.append(metrics["loss"])
-      ckpt.save(step, state, data_iter)
+      if step % tc.checkpoint_every == 0:
+        ckpt.save(step, state, data_iter)
       if step % tc.log_every == 0 or step == total_steps:
         host = jax.device_get(metrics)
         losses.extend(float(x) for x in jax.device_get(pending_metrics))
@@ -161,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         t_window = time.perf_counter()
     ckpt.wait()
     if ckpt.latest_step() != step:
-      ckpt.save(step, state, data_iter, force=True)
+      ckpt.save(step, state, data_iter)
   finally:
     ckpt.close()
     logger.close()

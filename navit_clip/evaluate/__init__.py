@@ -1,1 +1,4 @@
-"""Evaluators of trained models: zero-shot classification (more in later modules)."""
+"""Evaluating trained models: zero-shot classification, retrieval, resolution sweeps.
+
+runner.py runs the evaluators of `config.evals`; restore.py loads a model from a workdir.
+"""

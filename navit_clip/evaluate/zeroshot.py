@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
-from navit_clip.model import l2_normalize
+from navit_clip.evaluate.embed import Embedder, as_embedder, embed_packed
 from navit_clip.text.tokenizer import Tokenizer
 
 
-def class_embeddings(model: nnx.Module, tokenizer: Tokenizer, classnames: Sequence[str],
-                     templates: Sequence[str]) -> np.ndarray:
+def class_embeddings(model: nnx.Module | Embedder, tokenizer: Tokenizer,
+                     classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
   """float32 [K, D]: per class, the renormalised mean of its templates' text embeddings."""
   if not classnames or not templates:
     raise ValueError("zero-shot needs at least one class name and one template")
@@ -25,10 +24,10 @@ def class_embeddings(model: nnx.Module, tokenizer: Tokenizer, classnames: Sequen
     if "{}" not in t:
       raise ValueError(f"zero-shot template {t!r} has no '{{}}' placeholder")
   tokens = tokenizer.encode([t.format(c) for c in classnames for t in templates])
-  graphdef, state = nnx.split(model)
-  emb = jax.jit(lambda s, x: nnx.merge(graphdef, s).embed_texts(x))(state, tokens)
-  emb = np.asarray(emb).reshape(len(classnames), len(templates), -1).mean(axis=1)
-  return np.asarray(l2_normalize(emb))
+  emb = as_embedder(model).texts(tokens)
+  emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
+  norm = np.linalg.norm(emb, axis=-1, keepdims=True)
+  return (emb / np.maximum(norm, 1e-6)).astype(np.float32)
 
 
 def accuracy(image_embeddings: np.ndarray, labels: np.ndarray,
@@ -52,11 +51,11 @@ def accuracy(image_embeddings: np.ndarray, labels: np.ndarray,
           "chance": 1.0 / num_classes}
 
 
-def evaluate(model: nnx.Module, tokenizer: Tokenizer, batches, classnames: Sequence[str],
+def evaluate(model: nnx.Module | Embedder, tokenizer: Tokenizer, batches,
+             classnames: Sequence[str],
              templates: Sequence[str]) -> dict[str, float | list[float]]:
   """Zero-shot accuracy of `model` over packed `batches` whose "labels" index `classnames`."""
-  from navit_clip.evaluate.embed import embed_packed  # keeps this module's import light
-
-  embedded = embed_packed(model, batches, extra_fields=("labels",))
-  classifier = class_embeddings(model, tokenizer, classnames, templates)
+  embedder = as_embedder(model)
+  embedded = embed_packed(embedder, batches, extra_fields=("labels",))
+  classifier = class_embeddings(embedder, tokenizer, classnames, templates)
   return accuracy(embedded["embedding"], embedded["labels"], classifier)

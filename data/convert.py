@@ -1,0 +1,166 @@
+"""`navit-clip data convert`: any source -> ArrayRecord shards of tf.train.Example.
+
+One output shard per unit of work (an input file of a streamed source, or about
+`records_per_shard` records of a random-access one), written by `workers` processes. Each
+shard is written to a temporary name and renamed when complete, so an interrupted
+conversion resumes by skipping the shards that exist. Records keep their encoded image
+bytes (decoded arrays, as from the demo source, are stored as PNG), their captions, example
+id, declared format and numeric fields; skip markers are counted, not written.
+
+Output records use the default feature keys (navit_clip.data.sources.example_record), so
+config.data.source = "arrayrecord" with train_files = "OUT/*.array_record" reads them.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from navit_clip.data.counters import SKIP_KEY
+from navit_clip.data.sources.example_proto import encode_example
+from navit_clip.data.sources.units import Unit, work_units
+
+_RESERVED = ("image", "caption", "example_id", "image_format")
+
+
+def record_to_example(record: dict[str, Any]) -> bytes:
+  """A record of the common schema -> serialized Example with the default feature keys."""
+  image = record["image"]
+  if isinstance(image, np.ndarray):
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    image, fmt = buf.getvalue(), "png"
+  else:
+    fmt = record.get("image_format") or ""
+    fmt = fmt.rsplit(".", 1)[-1].lower()
+  features: dict[str, Any] = {"image/encoded": bytes(image),
+                              "example_id": int(record["example_id"])}
+  if fmt:
+    features["image/format"] = fmt
+  caption = record.get("caption")
+  if caption is not None:
+    items = caption if isinstance(caption, (list, tuple)) else [caption]
+    features["caption"] = [c.encode("utf-8", errors="surrogateescape") if isinstance(c, str)
+                           else bytes(c) for c in items]
+  for name, value in record.items():
+    if name in _RESERVED:
+      continue
+    values = np.asarray(value).reshape(-1)
+    if values.dtype.kind in "iub":
+      features[name] = [int(v) for v in values]
+    elif values.dtype.kind == "f":
+      features[name] = [float(v) for v in values]
+  return encode_example(features)
+
+
+def shard_path(out_dir: str, index: int, count: int, prefix: str = "data") -> str:
+  return os.path.join(out_dir, f"{prefix}-{index:05d}-of-{count:05d}.array_record")
+
+
+def _convert_unit(job: tuple[Unit, str]) -> dict[str, int]:
+  """Writes one unit to `path` (via a temporary file); returns its counts."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  unit, path = job
+  counts: collections.Counter[str] = collections.Counter()
+  tmp = f"{path}.tmp-{os.getpid()}"
+  writer = ArrayRecordWriter(tmp, "group_size:1")
+  try:
+    for record in unit.records():
+      counts["records"] += 1
+      if SKIP_KEY in record:
+        counts[f"skipped/{record[SKIP_KEY]}"] += 1
+      elif "image" not in record:
+        counts["skipped/missing_image"] += 1
+      else:
+        writer.write(record_to_example(record))
+        counts["written"] += 1
+  finally:
+    writer.close()
+  os.replace(tmp, path)
+  return dict(counts)
+
+
+class Progress:
+  """A one-line progress bar on stderr: shards done, records, skipped, rate, ETA."""
+
+  def __init__(self, total: int, stream=None):
+    self.total, self.done, self.stream = total, 0, stream or sys.stderr
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.t0 = time.perf_counter()
+
+  def update(self, counts: dict[str, int]) -> None:
+    self.done += 1
+    self.counts.update(counts)
+    elapsed = time.perf_counter() - self.t0
+    width = 30
+    filled = int(width * self.done / max(self.total, 1))
+    skipped = sum(v for k, v in self.counts.items() if k.startswith("skipped/"))
+    eta = elapsed / self.done * (self.total - self.done)
+    self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                      f"shards, {self.counts['records']} records, {skipped} skipped, "
+                      f"{self.counts['records'] / max(elapsed, 1e-9):.0f} rec/s, "
+                      f"ETA {eta:.0f}s ")
+    self.stream.flush()
+
+  def close(self) -> None:
+    self.stream.write("\n")
+    self.stream.flush()
+
+
+def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1,
+            records_per_shard: int = 10_000, prefix: str = "data", progress: bool = True,
+            log: Callable[[str], None] = print) -> dict[str, int]:
+  """Converts config.data.source over config.data.train_files into `out_dir`.
+
+  Returns the summed counts ("records", "written", "skipped/<reason>") of the shards
+  written by this call; shards already present are skipped (resume). A summary of all
+  shards converted so far goes to out_dir/convert.json.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  units = work_units(config, records_per_unit=records_per_shard)
+  jobs = [(u, shard_path(out_dir, u.index, len(units), prefix)) for u in units]
+  todo = [job for job in jobs if not os.path.exists(job[1])]
+  if len(todo) < len(jobs):
+    log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already written")
+  bar = Progress(len(todo)) if progress and todo else None
+  summary_path = os.path.join(out_dir, "convert.json")
+  per_shard = {}
+  if os.path.exists(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      per_shard = json.load(f).get("shards", {})
+  total: collections.Counter[str] = collections.Counter()
+
+  def done(path: str, counts: dict[str, int]) -> None:
+    total.update(counts)
+    per_shard[os.path.basename(path)] = counts
+    all_counts: collections.Counter[str] = collections.Counter()
+    for c in per_shard.values():
+      all_counts.update(c)
+    with open(summary_path, "w", encoding="utf-8") as f:
+      json.dump({"source": config.data.source, "files": config.data.train_files,
+                 "totals": dict(all_counts), "shards": per_shard}, f, indent=2,
+                sort_keys=True)
+    if bar:
+      bar.update(counts)
+
+  if workers > 1 and len(todo) > 1:
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+      for (_, path), counts in zip(todo, pool.imap(_convert_unit, todo)):
+        done(path, counts)
+  else:
+    for job in todo:
+      done(job[1], _convert_unit(job))
+  if bar:
+    bar.close()
+  return dict(total)

@@ -1,0 +1,132 @@
+"""Counting and removing skipped records, exactly, in the main process.
+
+Anything upstream that cannot use a record (a source that refuses a tar member, the
+Preprocessor that cannot decode an image or finds no caption) does not drop it: it emits a
+skip marker `{"skip": reason, "example_id": id}` in its place. Good examples may carry
+"notes" (tuple of names: a repaired caption, a mislabelled but decodable image).
+`SkipCountingDataset` runs after the worker processes and before packing; it counts
+markers and notes, drops the markers, and strips the notes. So:
+- the counts are exact whatever the worker count (workers never filter, which would also
+  make the order depend on the worker count);
+- they are part of the iterator state, so they checkpoint and survive a resume;
+- a source that is mostly bad (more than `max_bad_fraction` of at least `min_records`
+  records) stops the run with a message naming the source and the reasons: that is a
+  wrong path or format, not noise.
+
+`data_counters(iterator)` finds the counting stage inside a Grain iterator tree and returns
+its counters for the training metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import grain
+
+SKIP_KEY = "skip"
+NOTES_KEY = "notes"
+
+
+class BadSourceError(ValueError):
+  """Most records of a source are unusable: a wrong path or format."""
+
+
+def skip_marker(reason: str, example_id: int) -> dict[str, Any]:
+  """The element that stands in for a record that cannot be used, with its reason."""
+  return {SKIP_KEY: reason, "example_id": int(example_id)}
+
+
+def is_skip(element: dict) -> bool:
+  return SKIP_KEY in element
+
+
+class SkipCountingIterator(grain.DatasetIterator):
+  """Drops skip markers, counts them by reason, counts notes; checkpointable."""
+
+  def __init__(self, parent: grain.DatasetIterator, *, source: str, max_bad_fraction: float,
+               min_records: int):
+    super().__init__(parent)
+    self._source = source
+    self._max_bad, self._min_records = max_bad_fraction, min_records
+    self._records = 0
+    self._skipped: collections.Counter[str] = collections.Counter()
+    self._notes: collections.Counter[str] = collections.Counter()
+
+  def __next__(self) -> dict:
+    while True:
+      element = next(self._parent)
+      self._records += 1
+      if is_skip(element):
+        self._skipped[element[SKIP_KEY]] += 1
+        self._check()
+        continue
+      for note in element.pop(NOTES_KEY, ()):
+        self._notes[note] += 1
+      self._check()
+      return element
+
+  def _check(self) -> None:
+    bad = sum(self._skipped.values())
+    if (self._records >= self._min_records and self._max_bad < 1.0
+        and bad > self._max_bad * self._records):
+      reasons = ", ".join(f"{k}: {v}" for k, v in self._skipped.most_common())
+      raise BadSourceError(
+          f"data source {self._source}: {bad} of the first {self._records} records were "
+          f"unusable ({reasons}), more than config.data.max_bad_fraction = {self._max_bad}. "
+          "Check the path, the file format and the feature keys.")
+
+  def counters(self) -> dict[str, int]:
+    """{"records": seen, "skipped": total, "skipped/<reason>": n, "noted/<note>": n}."""
+    out = {"records": self._records, "skipped": sum(self._skipped.values())}
+    out.update({f"skipped/{k}": v for k, v in sorted(self._skipped.items())})
+    out.update({f"noted/{k}": v for k, v in sorted(self._notes.items())})
+    return out
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "records": self._records,
+            "skipped": dict(self._skipped), "notes": dict(self._notes)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._records = int(state["records"])
+    self._skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+    self._notes = collections.Counter({k: int(v) for k, v in state["notes"].items()})
+
+
+class SkipCountingDataset(grain.IterDataset):
+  """See the module docstring.
+
+  Args:
+    parent: yields examples and skip markers.
+    source: names the source in the error for a mostly bad one.
+    max_bad_fraction: stop when more than this share of records was skipped (1 = never).
+    min_records: ... and at least this many records have been seen.
+  """
+
+  def __init__(self, parent: grain.IterDataset, *, source: str = "?",
+               max_bad_fraction: float = 0.5, min_records: int = 1000):
+    super().__init__(parent)
+    self._kwargs = dict(source=source, max_bad_fraction=max_bad_fraction,
+                        min_records=min_records)
+
+  def __iter__(self) -> SkipCountingIterator:
+    return SkipCountingIterator(self._parent.__iter__(), **self._kwargs)
+
+  def __str__(self) -> str:
+    return f"SkipCountingDataset(source={self._kwargs['source']})"
+
+
+def data_counters(iterator: grain.DatasetIterator) -> dict[str, int]:
+  """The counters of the `SkipCountingIterator` inside `iterator`'s tree; {} if none."""
+  todo, seen = [iterator], set()
+  while todo:
+    it = todo.pop()
+    if id(it) in seen:
+      continue
+    seen.add(id(it))
+    if isinstance(it, SkipCountingIterator):
+      return it.counters()
+    todo.extend(getattr(it, "_parents", ()))
+  return {}
+

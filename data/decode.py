@@ -1,0 +1,211 @@
+"""Robust image decoding: encoded bytes -> uint8 RGB [H, W, 3], or a named reason to skip.
+
+Two steps, so the target size can be chosen between them: `open_image` reads only the
+header (format, size, EXIF orientation) and refuses what must not be decoded; then
+`OpenedImage.load(draft_hw)` decodes. For a JPEG much larger than its target, `load` asks
+libjpeg for a reduced-scale decode (1/2, 1/4 or 1/8: PIL's `draft`), which is several times
+faster and still at least the target size, so the final resize only shrinks.
+
+Every input is turned into RGB: grayscale, palette, CMYK, 16-bit and float modes are
+converted (16-bit values scaled by 1/256, not clipped); alpha is composited over white;
+EXIF orientation is applied; animated GIF/WebP and multi-page TIFF give their first frame.
+
+Failures raise `DecodeError(reason)` with one of REASONS, never anything else for bad
+bytes, so that a caller can count and skip them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+REASONS = ("empty", "not_an_image", "unsupported_format", "mislabelled", "decompression_bomb",
+           "too_small", "extreme_aspect", "truncated", "corrupt")
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# File extension or declared format -> PIL format name, for the mislabelled check.
+EXTENSIONS = {"jpg": "JPEG", "jpeg": "JPEG", "jpe": "JPEG", "png": "PNG", "webp": "WEBP",
+              "gif": "GIF", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
+_SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that transpose the image
+_EXIF_ORIENTATION = 0x0112
+_WHITE = (255, 255, 255)
+# Leading bytes of the supported formats: unidentifiable bytes with one are corrupt images.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
+          b"MM\x00*")
+# What PIL raises on bad bytes, across its format plugins.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+               ZeroDivisionError, struct.error)
+
+
+class DecodeError(ValueError):
+  """Bytes that cannot or must not become an image; `reason` is one of REASONS."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+  """What `open_image` refuses before decoding.
+
+  Attributes:
+    max_pixels: width * height above this is a decompression bomb (0 = no limit).
+    min_side: images with a side shorter than this many pixels are too small (0 = none).
+    max_aspect: long side / short side above this is an extreme aspect (0 = none).
+    mislabelled: "decode" decodes bytes whose content disagrees with their declared format
+      (a PNG named .jpg) and only notes it; "skip" refuses them.
+  """
+
+  max_pixels: int = 100_000_000
+  min_side: int = 8
+  max_aspect: float = 20.0
+  mislabelled: str = "decode"
+
+  def __post_init__(self):
+    if self.mislabelled not in ("decode", "skip"):
+      raise ValueError(f"DecodeLimits.mislabelled = {self.mislabelled!r}; expected 'decode' "
+                       "or 'skip'")
+    if self.max_pixels < 0 or self.min_side < 0 or self.max_aspect < 0:
+      raise ValueError(f"DecodeLimits must be >= 0, got {self}")
+
+
+def declared_format(name: str | None) -> str | None:
+  """'x.JPG' / 'jpeg' / 'image/png' -> 'JPEG' / 'JPEG' / 'PNG'; None if unknown."""
+  if not name:
+    return None
+  return EXTENSIONS.get(name.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower())
+
+
+class OpenedImage:
+  """An image whose header has been read and accepted; `load` decodes it.
+
+  Attributes:
+    size_hw: (height, width) after EXIF orientation, in pixels.
+    format: PIL's name of the detected format.
+    mislabelled: the content's format differs from the declared one.
+  """
+
+  def __init__(self, image: Image.Image, mislabelled: bool):
+    self._image = image
+    self.format = image.format
+    self.mislabelled = mislabelled
+    w, h = image.size
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    self._transposed = orientation in _SWAPS_AXES
+    self.size_hw = (w, h) if self._transposed else (h, w)
+
+  def load(self, draft_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Decodes to uint8 [H, W, 3] RGB, oriented.
+
+    Args:
+      draft_hw: the (height, width) the caller will resize to. A JPEG is then decoded at
+        the smallest of scales 1, 1/2, 1/4, 1/8 that is still at least this size, so H, W
+        may be smaller than `size_hw`. None decodes at full size.
+
+    Raises:
+      DecodeError: "truncated" or "corrupt".
+    """
+    im = self._image
+    try:
+      if draft_hw is not None and self.format in ("JPEG", "MPO"):
+        h, w = draft_hw
+        im.draft(None, (h, w) if self._transposed else (w, h))
+      im.load()
+      im = ImageOps.exif_transpose(im)
+      return _to_rgb(im)
+    except DecodeError:
+      raise
+    except _PIL_ERRORS as e:
+      reason = "truncated" if "truncated" in str(e) or isinstance(e, EOFError) else "corrupt"
+      raise DecodeError(reason, f"{type(e).__name__}: {e}") from None
+    finally:
+      self._image.close()
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+  """Any PIL mode -> uint8 [H, W, 3]."""
+  mode = im.mode
+  if mode == "RGB":
+    return np.asarray(im)
+  if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    values = np.asarray(im, np.float64 if mode == "F" else np.int64)
+    if mode != "F":
+      values = values / 256.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else values
+    gray = np.clip(values, 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if mode == "P":
+    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+  elif mode in ("LA", "La", "PA", "RGBa"):
+    im = im.convert("RGBA")
+  if im.mode == "RGBA":
+    background = Image.new("RGBA", im.size, _WHITE + (255,))
+    return np.asarray(Image.alpha_composite(background, im).convert("RGB"))
+  return np.asarray(im.convert("RGB"))
+
+
+def open_image(data: bytes, limits: DecodeLimits = DecodeLimits(),
+               declared: str | None = None) -> OpenedImage:
+  """Reads the header of encoded image bytes and checks them against `limits`.
+
+  Args:
+    data: the encoded file.
+    limits: what to refuse.
+    declared: the format the bytes claim to be (a file name, an extension or a format
+      name such as "jpeg"), or None.
+
+  Raises:
+    DecodeError: "empty", "not_an_image", "unsupported_format", "mislabelled" (only with
+      limits.mislabelled == "skip"), "decompression_bomb", "too_small", "extreme_aspect",
+      "corrupt".
+  """
+  if data is None or len(data) == 0:
+    raise DecodeError("empty")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      im = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise DecodeError("decompression_bomb", str(e)) from None
+  except Image.UnidentifiedImageError:
+    head = bytes(data[:16])
+    image_like = head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    raise DecodeError("corrupt" if image_like else "not_an_image",
+                      f"{len(data)} bytes starting {head[:8]!r}") from None
+  except _PIL_ERRORS as e:
+    raise DecodeError("corrupt", f"{type(e).__name__}: {e}") from None
+  if im.format not in FORMATS:
+    im.close()
+    raise DecodeError("unsupported_format", str(im.format))
+  want = declared_format(declared)
+  content = "JPEG" if im.format == "MPO" else im.format
+  mislabelled = want is not None and want != content
+  if mislabelled and limits.mislabelled == "skip":
+    im.close()
+    raise DecodeError("mislabelled", f"declared {want}, content {content}")
+  w, h = im.size
+  if limits.max_pixels and w * h > limits.max_pixels:
+    im.close()
+    raise DecodeError("decompression_bomb", f"{w}x{h} > {limits.max_pixels} pixels")
+  if min(w, h) < max(limits.min_side, 1):
+    im.close()
+    raise DecodeError("too_small", f"{w}x{h}")
+  if limits.max_aspect and max(w, h) > limits.max_aspect * min(w, h):
+    im.close()
+    raise DecodeError("extreme_aspect", f"{w}x{h}")
+  try:
+    return OpenedImage(im, mislabelled)
+  except _PIL_ERRORS as e:
+    im.close()
+    reason = "truncated" if "truncated" in str(e) else "corrupt"
+    raise DecodeError(reason, f"reading metadata: {type(e).__name__}: {e}") from None
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(),
+                 declared: str | None = None) -> np.ndarray:
+  """Encoded bytes -> uint8 [H, W, 3] RGB at full size; raises DecodeError."""
+  return open_image(data, limits, declared).load()

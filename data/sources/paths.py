@@ -1,0 +1,78 @@
+"""File lists from patterns: "a/shard-{00000..00099}.tar,b/*.tfrecord,c/{x,y}.tar"."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+  """Splits on `sep` outside braces."""
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    if ch == "{":
+      depth += 1
+    elif ch == "}":
+      depth -= 1
+      if depth < 0:
+        raise ValueError(f"unbalanced '}}' in file pattern {text!r}")
+    elif ch == sep and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  if depth:
+    raise ValueError(f"unbalanced '{{' in file pattern {text!r}")
+  parts.append(text[start:])
+  return parts
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """Brace expansion, in order: {00000..00099} (zero padding kept), {a,b,c}, nested."""
+  start = pattern.find("{")
+  if start < 0:
+    return [pattern]
+  depth = 0
+  for end in range(start, len(pattern)):
+    depth += {"{": 1, "}": -1}.get(pattern[end], 0)
+    if depth == 0:
+      break
+  else:
+    raise ValueError(f"unbalanced '{{' in file pattern {pattern!r}")
+  head, body, tail = pattern[:start], pattern[start + 1:end], pattern[end + 1:]
+  m = _RANGE.match(body)
+  if m:
+    lo, hi = int(m.group(1)), int(m.group(2))
+    width = len(m.group(1)) if m.group(1).startswith("0") else 0
+    step = 1 if hi >= lo else -1
+    options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+  else:
+    options = [o for alt in _split_top(body, ",") for o in expand_braces(alt)]
+  return [head + o + rest for o in options for rest in expand_braces(tail)]
+
+
+def expand_paths(patterns: str, *, what: str = "files") -> list[str]:
+  """Comma-separated patterns -> the existing files they name, in pattern order.
+
+  Each pattern is brace-expanded, then globbed (sorted) if it has * ? or [.
+
+  Raises:
+    FileNotFoundError: a pattern matches nothing, naming it and `what`.
+  """
+  if not patterns.strip():
+    raise ValueError(f"no {what} given: the file pattern is empty")
+  out = []
+  for pattern in _split_top(patterns, ","):
+    pattern = os.path.expanduser(pattern.strip())
+    for path in expand_braces(pattern):
+      if any(ch in path for ch in "*?["):
+        matches = sorted(glob.glob(path))
+        if not matches:
+          raise FileNotFoundError(f"{what}: no file matches {path!r}")
+        out.extend(matches)
+      elif os.path.exists(path):
+        out.append(path)
+      else:
+        raise FileNotFoundError(f"{what}: {path!r} does not exist (from pattern {pattern!r})")
+  return out

@@ -1,0 +1,151 @@
+"""Evaluation datasets named by a string: labelled images for zero-shot, captioned for retrieval.
+
+  demo[:TASK]          the held-out demo split; TASK = shape | color | label (zero-shot,
+                       with the demo's class names and templates), or captions (retrieval)
+  folder:DIR           ImageNet-style class folders DIR/<class>/<images>
+  arrayrecord:GLOB     ArrayRecord shards of tf.train.Example with an int label feature
+                       (config.data.label_field, keys config.data.example_keys); class
+                       names from the evaluator's `classnames`
+  coco:CAPTIONS.json   COCO captions (images[], annotations[] with image_id, caption);
+                       images under `images_dir` (default: the JSON's directory)
+  karpathy:SPLIT.json  Karpathy's COCO / Flickr30k split file (images[] with filename,
+                       split, sentences[].raw); `split` picks test / val / train
+  tfds:NAME            a TFDS data directory (needs tensorflow-datasets; `split`, `data_dir`)
+
+Every kind gives a random-access source of records {"image", "example_id", ...} for
+`inputs.inference_batches`, plus what the evaluator needs: a label field and class names,
+or each image's captions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import ml_collections
+
+from navit_clip.data.demo_source import DemoSource, zero_shot_tasks
+from navit_clip.data.pipeline import example_keys
+from navit_clip.data.sources.arrayrecord import ArrayRecordSource
+from navit_clip.data.sources.folder import ClassFolderSource
+from navit_clip.data.sources.paths import expand_paths
+from navit_clip.evaluate.files import ImageFiles
+
+KINDS = ("demo", "folder", "arrayrecord", "coco", "karpathy", "tfds")
+
+
+@dataclasses.dataclass
+class EvalData:
+  """A source plus its labels or captions.
+
+  Attributes:
+    source: len() and [i] -> record {"image", "example_id", label_field?}.
+    name: the dataset string, for messages.
+    label_field: the record field holding the int class (zero-shot), or None.
+    classnames: class index -> name (zero-shot), or None when the evaluator must name them.
+    templates: templates that come with the dataset (the demo's), or None.
+    captions: example_id -> captions (retrieval), or None.
+  """
+
+  source: object
+  name: str
+  label_field: str | None = None
+  classnames: Sequence[str] | None = None
+  templates: Sequence[str] | None = None
+  captions: Mapping[int, Sequence[str]] | None = None
+
+
+def _demo(arg: str, config: ml_collections.ConfigDict) -> EvalData:
+  source = DemoSource("eval", num_examples=config.data.num_eval_examples,
+                      seed=config.data.source_seed)
+  name = f"demo:{arg}" if arg else "demo"
+  if arg in ("", "captions"):
+    captions = {source.id_offset + i: [source.caption(i)] for i in range(len(source))}
+    return EvalData(source, name, captions=captions)
+  tasks = zero_shot_tasks()
+  if arg not in tasks:
+    raise ValueError(f"dataset {name!r}: demo task must be one of "
+                     f"{sorted(tasks) + ['captions']}")
+  task = tasks[arg]
+  return EvalData(source, name, label_field=task.label_field, classnames=task.classnames,
+                  templates=task.templates)
+
+
+def _coco(path: str, images_dir: str) -> EvalData:
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  root = images_dir or os.path.dirname(os.path.abspath(path))
+  images = sorted(data["images"], key=lambda im: im["id"])
+  index = {im["id"]: i for i, im in enumerate(images)}
+  captions: dict[int, list[str]] = {i: [] for i in range(len(images))}
+  for ann in data["annotations"]:
+    if ann["image_id"] in index:
+      captions[index[ann["image_id"]]].append(ann["caption"].strip())
+  paths = [os.path.join(root, im["file_name"]) for im in images]
+  return EvalData(ImageFiles(paths), f"coco:{path}", captions=captions)
+
+
+def _karpathy(path: str, split: str, images_dir: str) -> EvalData:
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  root = images_dir or os.path.dirname(os.path.abspath(path))
+  images = [im for im in data["images"] if im.get("split") == split]
+  if not images:
+    raise ValueError(f"dataset karpathy:{path} has no images in split {split!r}")
+  paths = [os.path.join(root, im.get("filepath", ""), im["filename"]) for im in images]
+  captions = {i: [s["raw"].strip() for s in im["sentences"]] for i, im in enumerate(images)}
+  return EvalData(ImageFiles(paths), f"karpathy:{path}", captions=captions)
+
+
+class _TfdsRecords:
+  """A TFDS random-access data source seen as {"image", "example_id", "label"} records."""
+
+  def __init__(self, source, image_key: str, label_key: str):
+    self._source, self._image_key, self._label_key = source, image_key, label_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index) -> dict:
+    example = self._source[int(index)]
+    return {"image": example[self._image_key], "example_id": int(index),
+            "label": example[self._label_key]}
+
+
+def _tfds(name: str, split: str, data_dir: str) -> EvalData:
+  try:
+    import tensorflow_datasets as tfds  # optional: only for tfds: datasets
+  except ImportError:
+    raise ImportError(f"dataset tfds:{name} needs tensorflow-datasets "
+                      "(pip install tensorflow-datasets)") from None
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  label = builder.info.features["label"]
+  source = builder.as_data_source(split=split)
+  return EvalData(_TfdsRecords(source, "image", "label"), f"tfds:{name}", label_field="label",
+                  classnames=[n.replace("_", " ") for n in label.names])
+
+
+def load_eval_data(spec: str, config: ml_collections.ConfigDict, *, split: str = "test",
+                   images_dir: str = "", data_dir: str = "") -> EvalData:
+  """The dataset named by `spec` (see the module docstring)."""
+  kind, _, arg = spec.partition(":")
+  if kind == "demo":
+    return _demo(arg, config)
+  if not arg:
+    raise ValueError(f"dataset {spec!r} needs a path or name after '{kind}:'")
+  if kind == "folder":
+    source = ClassFolderSource(arg)
+    return EvalData(source, spec, label_field="label", classnames=source.classnames)
+  if kind == "arrayrecord":
+    source = ArrayRecordSource(expand_paths(arg, what="ArrayRecord files"),
+                               example_keys(config))
+    return EvalData(source, spec, label_field=config.data.label_field)
+  if kind == "coco":
+    return _coco(arg, images_dir)
+  if kind == "karpathy":
+    return _karpathy(arg, split, images_dir)
+  if kind == "tfds":
+    return _tfds(arg, split, data_dir)
+  raise ValueError(f"dataset {spec!r}: kind {kind!r} is not one of {list(KINDS)}")

@@ -1,0 +1,89 @@
+"""Images -> packed inference batches, with every unusable record listed, never dropped silently.
+
+    source[start:stop] --Grain map: decode, resize by policy, patchify (workers)-->
+    skip markers split off (main process) --> window best-fit packing --> batches
+
+One pass, in order, no shuffle, no token dropping. The packer fills rows from a window of
+pending images, so images leave in a different order than they came: consumers key the
+embeddings by `example_id` (`embed.embed_packed` sorts by it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import grain
+import numpy as np
+
+from navit_clip.data.batch import BatchSpec
+from navit_clip.data.counters import NOTES_KEY, SKIP_KEY, is_skip
+from navit_clip.data.decode import DecodeLimits
+from navit_clip.data.pack import Packer
+from navit_clip.data.preprocess import Preprocessor
+from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.token_drop import TokenDropper
+
+PACK_WINDOW = 256  # pending images the inference packer chooses from
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """A record that could not be embedded: its example id and the reason."""
+
+  example_id: int
+  reason: str
+
+
+def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
+                      label_field: str | None = None, start: int = 0, stop: int | None = None,
+                      num_workers: int = 0, limits: DecodeLimits = DecodeLimits(),
+                      skipped: list[Skipped] | None = None,
+                      on_records: Callable[[int], None] | None = None
+                      ) -> Iterator[dict[str, np.ndarray]]:
+  """Packed batches of `spec` over records `start..stop` of a random-access `source`.
+
+  Args:
+    source: len() and [i] -> {"image": encoded bytes or uint8 [H, W, C], "example_id": int,
+      and `label_field` if given} or a skip marker (navit_clip.data.counters).
+    spec: the batch shape; needs num_classes when `label_field` is given.
+    sampler: the resolution policy's sampler (see `policy.ResolutionPolicy.sampler`).
+    label_field: record field copied to int32 "labels" [B, M].
+    start, stop: the record range (stop None = the end).
+    num_workers: Grain worker processes for decoding (0 = in this process).
+    limits: what the decoder refuses (see navit_clip.data.decode).
+    skipped: unusable records are appended here (and never packed).
+    on_records: called with the number of records consumed so far (a progress hook).
+
+  Yields:
+    host batches of `spec` (the last one padded); every usable record appears exactly once.
+  """
+  if label_field is not None and spec.num_classes is None:
+    raise ValueError(f"label_field {label_field!r} needs a BatchSpec with num_classes")
+  preprocess = Preprocessor(patch_size=spec.patch_size, sampler=sampler,
+                            dropper=TokenDropper(kind="none"), seed=0,
+                            label_field=label_field, num_classes=spec.num_classes or 0,
+                            limits=limits)
+  ds = grain.MapDataset.source(source)[start:stop].map_with_index(preprocess).to_iter_dataset()
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  elements = iter(ds)
+  consumed = 0
+
+  def pull() -> dict | None:
+    nonlocal consumed
+    for element in elements:
+      consumed += 1
+      if on_records is not None:
+        on_records(consumed)
+      if is_skip(element):
+        if skipped is not None:
+          skipped.append(Skipped(int(element["example_id"]), str(element[SKIP_KEY])))
+        continue
+      element.pop(NOTES_KEY, None)
+      return element
+    return None
+
+  packer = Packer(spec, "window_best_fit", window=PACK_WINDOW)
+  while (batch := packer.next_batch(pull)) is not None:
+    yield batch

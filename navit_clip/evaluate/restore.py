@@ -1,0 +1,98 @@
+"""Loading a trained model from a workdir: config.json + a checkpoint's parameters.
+
+The trainer writes `workdir/config.json` and Orbax checkpoints under `workdir/checkpoints`
+(see navit_clip.train and navit_clip.checkpoint). Inference needs only the "params" of the
+saved train state: they are restored on their own (a partial restore), so the optimizer
+state is never read or built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from navit_clip.checkpoint import Checkpointer
+from navit_clip.config import default_config
+from navit_clip.model import build_model
+
+
+@dataclasses.dataclass
+class Restored:
+  """A model restored from `workdir` at `step`, with the config it was trained with."""
+
+  model: nnx.Module
+  config: ml_collections.ConfigDict
+  step: int
+  workdir: str
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ConfigDict the run in `workdir` was trained with: its config.json over the defaults.
+
+  Keys that config.json lacks (added to the framework after the run) keep their defaults.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path!r} does not exist; is {workdir!r} a training workdir?")
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  config = default_config()
+  config.update(saved)
+  return config
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The complete checkpoint steps in `workdir/checkpoints`, ascending."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  ckpt = Checkpointer(directory)
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
+def restore_params(state_dir: str, abstract_params):
+  """Restores the "params" subtree of a saved train state; nothing else is read.
+
+  Args:
+    state_dir: a checkpoint step's "state" item directory.
+    abstract_params: pure dict pytree of jax.ShapeDtypeStruct (the target layout).
+
+  Returns:
+    The parameters as a pure dict of jax.Array on the default device.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {"params": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)}
+  args = ocp.args.PyTreeRestore(item=target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(state_dir, args=args)["params"]
+
+
+def restore_model(workdir: str, step: int | None = None) -> Restored:
+  """The model trained in `workdir` at checkpoint `step` (the latest if None)."""
+  config = load_config(workdir)
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"no complete checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  step = steps[-1] if step is None else int(step)
+  if step not in steps:
+    raise ValueError(f"no checkpoint at step {step} in {workdir!r}; steps: {steps}")
+  abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  if jax.tree.leaves(rest):  # non-parameter state (e.g. RNG keys) is built, not restored
+    _, _, rest = nnx.split(build_model(config, rngs=nnx.Rngs(config.seed)), nnx.Param, ...)
+  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+  params = restore_params(state_dir, nnx.to_pure_dict(params))
+  model = nnx.merge(graphdef, params, rest)
+  return Restored(model=model, config=config, step=step, workdir=workdir)

@@ -1,0 +1,226 @@
+"""Exporting image and text embeddings to files, in input order, resumable.
+
+Output for OUT (a prefix, or a path ending in .npy or .parquet):
+  OUT.npy            float32 / float16 [N, D], row i = the i-th usable input
+  OUT.jsonl          one line per row: {"index": input position, "path" or "id" or "text"}
+  OUT.skipped.jsonl  one line per unusable input: {"index", "path" or "id", "reason"}
+or, for .parquet (needs pyarrow), one table with the same columns plus "embedding".
+
+Work proceeds in chunks of inputs; each finished chunk is written under OUT.parts/ (its
+.npy last, atomically), so an interrupted run started again skips the chunks it has and
+continues. The chunks are merged into the final files at the end and OUT.parts/ removed.
+Images are packed several per row, so a chunk embeds in a few large calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from navit_clip.data.pipeline import decode_limits
+from navit_clip.evaluate.embed import Embedder, embed_packed
+from navit_clip.evaluate.files import ImageFiles
+from navit_clip.evaluate.inputs import Skipped, inference_batches
+from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec
+from navit_clip.text.tokenizer import Tokenizer
+
+DTYPES = ("float32", "float16")
+CHUNK = 4096  # inputs per resumable chunk
+
+# (start, stop) -> (embeddings [n, D], one metadata dict per row, one per skipped input)
+ChunkFn = Callable[[int, int], tuple[np.ndarray, list[dict], list[dict]]]
+
+
+class Progress:
+  """A one-line progress bar on stderr: done / total, rate, skipped."""
+
+  def __init__(self, label: str, total: int, enabled: bool = True):
+    self.label, self.total, self.enabled = label, total, enabled
+    self.t0 = self._last = time.perf_counter()
+    self.done = self.skipped = 0
+
+  def update(self, done: int, skipped: int, force: bool = False) -> None:
+    self.done, self.skipped = done, skipped
+    now = time.perf_counter()
+    if not self.enabled or (now - self._last < 0.5 and not force):
+      return
+    self._last = now
+    rate = done / max(now - self.t0, 1e-9)
+    width = 30
+    filled = int(width * done / max(self.total, 1))
+    print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+          f"{rate:.1f}/s skipped {skipped}", end="", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    self.update(self.done, self.skipped, force=True)
+    if self.enabled:
+      print(file=sys.stderr, flush=True)
+
+
+def output_paths(out: str) -> dict[str, str]:
+  """The files written for OUT (see the module docstring)."""
+  if out.endswith(".parquet"):
+    base = out[:-len(".parquet")]
+    return {"parquet": out, "skipped": base + ".skipped.jsonl", "parts": base + ".parts"}
+  base = out[:-len(".npy")] if out.endswith(".npy") else out
+  return {"npy": base + ".npy", "jsonl": base + ".jsonl", "skipped": base + ".skipped.jsonl",
+          "parts": base + ".parts"}
+
+
+def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _merge(paths: dict[str, str], parts: list[str], dtype: str) -> int:
+  """Concatenates the chunk files into the final output; returns the row count."""
+  arrays = [np.load(p + ".npy", mmap_mode="r") for p in parts]
+  meta = [row for p in parts for row in _read_jsonl(p + ".jsonl")]
+  skipped = [row for p in parts for row in _read_jsonl(p + ".skipped.jsonl")]
+  dim = next((a.shape[1] for a in arrays if a.ndim == 2 and len(a)), 0)
+  n = sum(len(a) for a in arrays)
+  _write_jsonl(paths["skipped"], skipped)
+  if "parquet" in paths:
+    try:
+      import pyarrow as pa  # optional: only for .parquet output
+      import pyarrow.parquet as pq
+    except ImportError:
+      raise ImportError("Parquet output needs pyarrow (pip install pyarrow); or write .npy "
+                        "+ .jsonl by giving --out without .parquet") from None
+    emb = np.concatenate([np.asarray(a) for a in arrays]) if n else np.zeros((0, dim), dtype)
+    columns = {k: [row.get(k) for row in meta] for k in (meta[0] if meta else {"index": 0})}
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+    pq.write_table(pa.table(columns), paths["parquet"])
+    return n
+  merged = np.lib.format.open_memmap(paths["npy"] + ".tmp.npy", mode="w+", dtype=dtype,
+                                     shape=(n, dim))
+  row = 0
+  for a in arrays:
+    merged[row:row + len(a)] = a
+    row += len(a)
+  merged.flush()
+  del merged
+  os.replace(paths["npy"] + ".tmp.npy", paths["npy"])
+  _write_jsonl(paths["jsonl"], meta)
+  return n
+
+
+def run_chunks(total: int, compute: ChunkFn, out: str, *, dtype: str = "float32",
+               chunk: int = CHUNK, progress: Progress | None = None) -> dict:
+  """Computes chunks [start, start + chunk) of `total` inputs, resumably, then merges.
+
+  Returns:
+    {"rows": usable inputs written, "skipped": unusable ones, "files": written paths}.
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"embedding dtype {dtype!r}; expected one of {list(DTYPES)}")
+  if chunk < 1:
+    raise ValueError(f"chunk size must be >= 1, got {chunk}")
+  paths = output_paths(out)
+  os.makedirs(paths["parts"], exist_ok=True)
+  parts, skipped = [], 0
+  for start in range(0, total, chunk):
+    stop = min(start + chunk, total)
+    part = os.path.join(paths["parts"], f"{start:012d}")
+    parts.append(part)
+    if not os.path.exists(part + ".npy"):
+      emb, meta, bad = compute(start, stop)
+      _write_jsonl(part + ".jsonl", meta)
+      _write_jsonl(part + ".skipped.jsonl", bad)
+      np.save(part + ".tmp.npy", emb.astype(dtype))
+      os.replace(part + ".tmp.npy", part + ".npy")
+    skipped += len(_read_jsonl(part + ".skipped.jsonl"))
+    if progress is not None:
+      progress.update(stop, skipped)
+  if progress is not None:
+    progress.close()
+  rows = _merge(paths, parts, dtype)
+  shutil.rmtree(paths["parts"])
+  files = [p for k, p in paths.items() if k != "parts"]
+  return {"rows": rows, "skipped": skipped, "files": files}
+
+
+def _describe(source, index: int, example_id: int) -> dict:
+  """How an input is named in the output: its path for files, else its example id."""
+  if isinstance(source, ImageFiles):
+    return {"index": index, "path": source.paths[index]}
+  return {"index": index, "id": example_id}
+
+
+def export_image_embeddings(embedder: Embedder, config: ml_collections.ConfigDict, source,
+                            out: str, *, policy: ResolutionPolicy, dtype: str = "float32",
+                            chunk: int = CHUNK, batch_size: int = 0, seq_len: int = 0,
+                            max_images: int = 0, num_workers: int = 0,
+                            progress: bool = True) -> dict:
+  """Embeds every image of `source` into OUT (see the module docstring), in input order.
+
+  Args:
+    source: random-access records {"image", "example_id"}, with example ids increasing
+      with the index (ImageFiles, DemoSource and the evaluation datasets are).
+    policy: the inference resolution policy.
+    batch_size, seq_len, max_images: the packed batch shape (0 = defaults, see
+      `policy.inference_spec`).
+  """
+  spec = inference_spec(config, policy, batch_size=batch_size, seq_len=seq_len,
+                        max_images=max_images)
+  sampler = policy.sampler(spec.patch_size, spec.seq_len, config.data.resolution.max_upscale)
+  bar = Progress("images", len(source), progress)
+
+  def compute(start: int, stop: int):
+    skipped: list[Skipped] = []
+    batches = inference_batches(source, spec, sampler, start=start, stop=stop,
+                                num_workers=num_workers, limits=decode_limits(config),
+                                skipped=skipped)
+    first = next(batches, None)
+    ids = np.zeros((0,), np.int64)
+    emb = np.zeros((0, 0), np.float32)
+    if first is not None:
+      embedded = embed_packed(embedder, itertools.chain([first], batches))
+      ids, emb = embedded["example_id"], embedded["embedding"]
+    offset = int(source[start]["example_id"]) - start
+    meta = [_describe(source, int(i) - offset, int(i)) for i in ids]
+    bad = [dict(_describe(source, s.example_id - offset, s.example_id), reason=s.reason)
+           for s in skipped]
+    for b in bad:
+      print(f"\nskipped {b.get('path', b.get('id'))}: {b['reason']}", file=sys.stderr)
+    return emb, meta, bad
+
+  return run_chunks(len(source), compute, out, dtype=dtype, chunk=chunk, progress=bar)
+
+
+def read_texts(path: str) -> list[str]:
+  """One text per line of a UTF-8 file, empty lines kept out."""
+  with open(path, encoding="utf-8") as f:
+    texts = [line.rstrip("\n") for line in f]
+  texts = [t for t in texts if t.strip()]
+  if not texts:
+    raise ValueError(f"text file {path!r} has no non-empty lines")
+  return texts
+
+
+def export_text_embeddings(embedder: Embedder, tokenizer: Tokenizer, texts: Sequence[str],
+                           out: str, *, dtype: str = "float32", chunk: int = CHUNK,
+                           progress: bool = True) -> dict:
+  """Embeds `texts` into OUT (rows {"index", "text"}), in order, resumable."""
+  bar = Progress("texts", len(texts), progress)
+
+  def compute(start: int, stop: int):
+    emb = embedder.texts(tokenizer.encode(texts[start:stop]))
+    meta = [{"index": i, "text": texts[i]} for i in range(start, stop)]
+    return emb, meta, []
+
+  return run_chunks(len(texts), compute, out, dtype=dtype, chunk=chunk, progress=bar)

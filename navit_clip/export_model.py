@@ -1,0 +1,142 @@
+"""Exporting the image and text encoders: serialised StableHLO and a TensorFlow SavedModel.
+
+Both take packed batches of one static shape (the `BatchSpec` chosen at export):
+
+  image encoder  patches uint8 [B, L, P*P*C], segment_ids int32 [B, L],
+                 positions int32 [B, L, 2], grid_hw int32 [B, L, 2], image_mask bool [B, M]
+                 -> embeddings float32 [B, M, D] (L2-normalised; zero in empty slots)
+  text encoder   tokens int32 [N, T] -> embeddings float32 [N, D] (L2-normalised); N is
+                 symbolic in the StableHLO export and `text_batch` in the SavedModel (TF's
+                 XLA op cannot check a symbolic shape of a newer StableHLO)
+
+Files in the export directory:
+  image_encoder.jax_export, text_encoder.jax_export   `jax.export` serialisations (StableHLO
+      with the weights inlined as constants); load with `load_jax_export`
+  saved_model/   (with `tf=True`, needs the `tf` extra) signatures "embed_images" and
+      "embed_texts", weights as variables
+  export.json    the batch shape, input names, dtypes and shapes, the embedding width
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from navit_clip.data.batch import BatchSpec
+
+IMAGE_INPUTS = ("patches", "segment_ids", "positions", "grid_hw", "image_mask")
+IMAGE_FILE = "image_encoder.jax_export"
+TEXT_FILE = "text_encoder.jax_export"
+SAVED_MODEL_DIR = "saved_model"
+
+
+def image_input_specs(spec: BatchSpec) -> dict[str, jax.ShapeDtypeStruct]:
+  """The image encoder's inputs for batches of `spec`."""
+  shapes = spec.shapes()
+  return {k: jax.ShapeDtypeStruct(shapes[k][0], shapes[k][1]) for k in IMAGE_INPUTS}
+
+
+def _pure_fns(model: nnx.Module) -> tuple[Callable, Callable, dict]:
+  """(image_fn(params, batch), text_fn(params, tokens), params) of a TwoTower model."""
+  graphdef, params = nnx.split(model)
+
+  def image_fn(p, batch):
+    return nnx.merge(graphdef, p).embed_images(batch)[0]
+
+  def text_fn(p, tokens):
+    return nnx.merge(graphdef, p).embed_texts(tokens)
+
+  return image_fn, text_fn, nnx.to_pure_dict(params)
+
+
+def export_jax(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str) -> list[str]:
+  """Writes the two `jax.export` serialisations; the text batch size is symbolic."""
+  image_fn, text_fn, params = _pure_fns(model)
+  images = jax.export.export(jax.jit(lambda batch: image_fn(params, batch)))(
+      image_input_specs(spec))
+  (n,) = jax.export.symbolic_shape("n")
+  texts = jax.export.export(jax.jit(lambda tokens: text_fn(params, tokens)))(
+      jax.ShapeDtypeStruct((n, text_len), jnp.int32))
+  paths = []
+  for name, exported in ((IMAGE_FILE, images), (TEXT_FILE, texts)):
+    path = os.path.join(out_dir, name)
+    with open(path, "wb") as f:
+      f.write(exported.serialize())
+    paths.append(path)
+  return paths
+
+
+def load_jax_export(path: str) -> Callable:
+  """A serialised encoder as a callable: image batch dict or tokens -> embeddings."""
+  with open(path, "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  return exported.call
+
+
+def export_tf(model: nnx.Module, spec: BatchSpec, text_len: int, text_batch: int,
+              out_dir: str) -> str:
+  """Writes a TF SavedModel with signatures embed_images and embed_texts (needs TF)."""
+  try:
+    import tensorflow as tf  # optional: the `tf` extra
+    from jax.experimental import jax2tf
+  except ImportError:
+    raise ImportError("SavedModel export needs TensorFlow: pip install 'navit-clip[tf]'") \
+        from None
+  image_fn, text_fn, params = _pure_fns(model)
+  # TF tracks variables in lists and string-keyed dicts only: keep the leaves in a list.
+  leaves, treedef = jax.tree.flatten(params)
+  module = tf.Module()
+  module.params = [tf.Variable(np.asarray(x), trainable=False) for x in leaves]
+  tf_image = jax2tf.convert(lambda p, b: image_fn(jax.tree.unflatten(treedef, p), b),
+                            with_gradient=False)
+  tf_text = jax2tf.convert(lambda p, t: text_fn(jax.tree.unflatten(treedef, p), t),
+                           with_gradient=False)
+  image_sig = {k: tf.TensorSpec(s.shape, tf.as_dtype(s.dtype), name=k)
+               for k, s in image_input_specs(spec).items()}
+
+  @tf.function(autograph=False, input_signature=[image_sig])
+  def embed_images(batch):
+    return {"embeddings": tf_image(module.params, batch)}
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec((text_batch, text_len), tf.int32, name="tokens")])
+  def embed_texts(tokens):
+    return {"embeddings": tf_text(module.params, tokens)}
+
+  module.embed_images, module.embed_texts = embed_images, embed_texts
+  path = os.path.join(out_dir, SAVED_MODEL_DIR)
+  tf.saved_model.save(module, path, signatures={"embed_images": embed_images,
+                                                "embed_texts": embed_texts})
+  return path
+
+
+def export_model(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str, *,
+                 tf: bool = False, text_batch: int = 64) -> dict:
+  """Exports the encoders of a TwoTower `model` into `out_dir` (see the module docstring)."""
+  if not hasattr(model, "embed_texts"):
+    raise ValueError("model export needs a contrastive (two-tower) model; this checkpoint "
+                     f"is a {type(model).__name__}")
+  os.makedirs(out_dir, exist_ok=True)
+  files = export_jax(model, spec, text_len, out_dir)
+  if tf:
+    files.append(export_tf(model, spec, text_len, text_batch, out_dir))
+  manifest = {
+      "image_inputs": {k: {"shape": list(s.shape), "dtype": np.dtype(s.dtype).name}
+                       for k, s in image_input_specs(spec).items()},
+      "text_inputs": {"tokens": {"shape": ["n", text_len], "dtype": "int32"}},
+      "saved_model_text_batch": text_batch if tf else None,
+      "embedding_dim": int(model.image.width),
+      "batch_spec": {"batch_size": spec.batch_size, "seq_len": spec.seq_len,
+                     "max_images": spec.max_images, "patch_size": spec.patch_size,
+                     "channels": spec.channels},
+      "files": [os.path.basename(f) for f in files],
+  }
+  with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2)
+  return manifest

@@ -1,0 +1,85 @@
+"""Tiny on-disk datasets for the data tests: encoded images, tar shards, TFRecords."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+from navit_clip.data.sources.example_proto import encode_example
+from navit_clip.data.sources.tfrecord import write_tfrecords
+
+_COLORS = ("red", "green", "blue", "yellow", "purple")  # words the demo tokenizer knows
+_SHAPES = ("circle", "square", "triangle", "cross", "star")
+
+
+def image_array(h: int, w: int, seed: int = 0) -> np.ndarray:
+  """uint8 [h, w, 3]: a smooth gradient plus noise (compresses like a photo)."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:h, 0:w]
+  base = np.stack([x * 255 // max(w, 1), y * 255 // max(h, 1), (x + y) % 256], -1)
+  return np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def encode(image: np.ndarray | Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+  im = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+  buf = io.BytesIO()
+  im.save(buf, format=fmt, **kwargs)
+  return buf.getvalue()
+
+
+def jpeg(h: int = 24, w: int = 32, seed: int = 0) -> bytes:
+  return encode(image_array(h, w, seed), "JPEG", quality=90)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
+  """A tar of (name, bytes) regular files, in order."""
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      _add(tar, name, data)
+
+
+def webdataset_shards(root: str, num_shards: int, per_shard: int, *, size=(24, 32),
+                      json_captions: bool = False) -> tuple[str, dict[int, str]]:
+  """Shards shard-{00000..N-1}.tar of KEY.jpg + KEY.txt (or .json); -> (pattern, captions).
+
+  The returned captions map the example id the stream gives (file << 32 | n) to its text.
+  """
+  captions = {}
+  for s in range(num_shards):
+    members = []
+    for n in range(per_shard):
+      key = f"{s:05d}{n:04d}"
+      text = f"image {s} {n}"
+      members.append((f"{key}.jpg", jpeg(*size, seed=s * 1000 + n)))
+      if json_captions:
+        members.append((f"{key}.json", f'{{"caption": "{text}"}}'.encode()))
+      else:
+        members.append((f"{key}.txt", text.encode()))
+      captions[s << 32 | n] = text
+    write_tar(os.path.join(root, f"shard-{s:05d}.tar"), members)
+  return os.path.join(root, "shard-{00000..%05d}.tar" % (num_shards - 1)), captions
+
+
+def tfrecord_files(root: str, num_files: int, per_file: int, *, size=(24, 32),
+                   caption_key: str = "caption", captions_per_image: int = 1) -> str:
+  """files data-{i}.tfrecord of Examples with image/encoded, captions, label, example_id."""
+  for i in range(num_files):
+    records = []
+    for n in range(per_file):
+      eid = i * per_file + n
+      texts = [f"a {_COLORS[c % 5]} {_SHAPES[eid % 5]}" for c in range(captions_per_image)]
+      records.append(encode_example({
+          "image/encoded": jpeg(*size, seed=eid), "image/format": "jpeg",
+          caption_key: texts, "label": eid % 5, "example_id": eid}))
+    write_tfrecords(os.path.join(root, f"data-{i}.tfrecord"), records)
+  return os.path.join(root, "data-*.tfrecord")

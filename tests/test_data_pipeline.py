@@ -1,0 +1,227 @@
+"""The Grain pipeline over real formats: exactly once, worker-count independence, resume,
+multi-host shards, mixtures, per-epoch caption choice."""
+
+import numpy as np
+import pytest
+
+from data_fixtures import jpeg, tfrecord_files, webdataset_shards
+from navit_clip.config import DATA_SOURCES, validate
+from navit_clip.data import pipeline
+from navit_clip.data.convert import convert
+from navit_clip.data.counters import data_counters
+from navit_clip.data.sources.stream import ID_MIXTURE_SHIFT
+
+
+@pytest.fixture(autouse=True)
+def _absl_flags_parsed():
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture
+def config(tiny_config):
+  c = tiny_config()
+  c.data.num_epochs = 1
+  c.data.shuffle_window = 4
+  c.data.cycle_length = 2
+  c.data.shard_by_process = False
+  c.data.resolution.min_side = 16
+  return c
+
+
+@pytest.fixture
+def wds(tmp_path):
+  return webdataset_shards(str(tmp_path), num_shards=3, per_shard=6)
+
+
+def _ids(batches):
+  return [i for b in batches for i in b["example_id"][b["image_mask"]].tolist()]
+
+
+def _batches(config, **kwargs):
+  it = iter(pipeline.make_train_dataset(config, **kwargs))
+  return list(it), it
+
+
+def _same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_sources_listed_in_config():
+  assert set(pipeline.SOURCES) == set(DATA_SOURCES)
+
+
+def test_webdataset_epoch_exactly_once_and_independent_of_workers(config, wds):
+  pattern, captions = wds
+  config.data.source, config.data.train_files = "webdataset", pattern
+  validate(config)
+  batches0, it = _batches(config)
+  assert sorted(_ids(batches0)) == sorted(captions)
+  assert data_counters(it) == {"records": 18, "skipped": 0}
+  config.data.num_workers = 2
+  batches2, it2 = _batches(config)
+  _same(batches0, batches2)
+  assert data_counters(it2) == {"records": 18, "skipped": 0}
+
+
+def test_arrayrecord_epoch_exactly_once_and_independent_of_workers(config, wds, tmp_path):
+  pattern, captions = wds
+  config.data.source, config.data.train_files = "webdataset", pattern
+  counts = convert(config, str(tmp_path / "ar"), records_per_shard=5, progress=False,
+                   log=lambda _: None)
+  assert counts == {"records": 18, "written": 18}
+  config.data.source, config.data.train_files = "arrayrecord", str(tmp_path / "ar/*.array_record")
+  batches0, _ = _batches(config)
+  assert sorted(_ids(batches0)) == sorted(captions)
+  config.data.num_workers = 2
+  _same(batches0, _batches(config)[0])
+
+
+def test_convert_resumes_and_skips_written_shards(config, wds, tmp_path):
+  config.data.source, config.data.train_files = "webdataset", wds[0]
+  out = tmp_path / "ar"
+  convert(config, str(out), progress=False, log=lambda _: None)
+  first = sorted(p.name for p in out.glob("*.array_record"))
+  assert len(first) == 3 and (out / "convert.json").exists()
+  (out / first[0]).unlink()
+  messages = []
+  counts = convert(config, str(out), progress=False, log=messages.append)
+  assert counts == {"records": 6, "written": 6}  # only the missing shard
+  assert "2 of 3 shards already written" in messages[0]
+  assert sorted(p.name for p in out.glob("*.array_record")) == first
+
+
+@pytest.mark.parametrize("source", ["webdataset", "demo", "mixture"])
+def test_same_seed_same_batches_and_exact_resume(config, wds, source):
+  config.data.num_epochs = 2
+  config.data.batch_size = 2
+  config.data.source = source
+  config.data.train_files = wds[0]
+  config.data.num_train_examples = 20
+  config.data.mixture = f"webdataset:{wds[0]}=0.6;demo:=0.4"
+  full = list(pipeline.make_train_dataset(config))
+  assert len(full) >= 4
+  again = list(pipeline.make_train_dataset(config))
+  _same(full, again)
+  for k in (1, len(full) // 2, len(full) - 1):
+    it = iter(pipeline.make_train_dataset(config))
+    for _ in range(k):
+      next(it)
+    state = it.get_state()
+    counters = data_counters(it)
+    resumed = iter(pipeline.make_train_dataset(config))
+    resumed.set_state(state)
+    assert data_counters(resumed) == counters
+    _same(full[k:], list(resumed))
+
+
+def test_new_order_each_epoch(config, wds):
+  config.data.num_epochs = 2
+  config.data.shuffle_window = 6  # windows of a stream do not straddle its 18-record epochs
+  for source in ("webdataset", "demo"):
+    config.data.source, config.data.train_files = source, wds[0]
+    config.data.num_train_examples = 18
+    records = pipeline.make_records(config, seed=0, num_epochs=2)
+    if source == "webdataset":
+      ids = [r["example_id"] for _, r in records]
+    else:
+      ids = [records[i]["example_id"] for i in range(len(records))]
+    first, second = ids[:18], ids[18:]
+    assert sorted(first) == sorted(second) and len(set(first)) == 18
+    assert first != second, source
+
+
+@pytest.mark.parametrize("source", ["webdataset", "demo"])
+def test_process_shards_partition_the_records(config, wds, source):
+  config.data.source, config.data.train_files = source, wds[0]
+  config.data.num_train_examples = 18
+  shards = [_ids(_batches(config, process_index=i, process_count=2)[0]) for i in range(2)]
+  assert not set(shards[0]) & set(shards[1])
+  everything = _ids(_batches(config, process_index=0, process_count=1)[0])
+  assert sorted(shards[0] + shards[1]) == sorted(everything)
+  with pytest.raises(ValueError, match="process_index"):
+    pipeline.make_train_dataset(config, process_index=2, process_count=2)
+
+
+def test_mixture_weights_and_unique_ids(config, wds):
+  config.data.source = "mixture"
+  config.data.num_epochs = 0
+  config.data.num_train_examples = 50
+  config.data.mixture = f"webdataset:{wds[0]}=3;demo:=1"
+  records = pipeline.make_records(config, seed=0)
+  it = iter(records)
+  ids = [next(it)[1]["example_id"] for _ in range(400)]
+  from_demo = sum(i >> ID_MIXTURE_SHIFT == 1 for i in ids)
+  assert 60 < from_demo < 140  # ~100 of 400
+  low = (1 << ID_MIXTURE_SHIFT) - 1
+  assert {i for i in ids if i >> ID_MIXTURE_SHIFT == 0} == set(wds[1])
+  assert {i & low for i in ids if i >> ID_MIXTURE_SHIFT == 1} <= set(range(50))
+
+
+def test_random_access_mixture(config, tmp_path):
+  config.data.source = "mixture"
+  config.data.num_train_examples = 12
+  config.data.num_epochs = 0
+  config.data.mixture = "demo:=1;demo:=1"
+  records = pipeline.make_records(config, seed=0)
+  ids = [records[i]["example_id"] for i in range(24)]
+  assert {i >> ID_MIXTURE_SHIFT for i in ids} == {0, 1}
+  assert len(set(ids)) == 24
+
+
+def test_tfrecord_several_captions_chosen_per_epoch(config, tmp_path):
+  pattern = tfrecord_files(str(tmp_path), num_files=2, per_file=4, captions_per_image=5,
+                           caption_key="texts")
+  config.data.source, config.data.train_files = "tfrecord", pattern
+  config.data.example_keys.caption = "texts"
+  config.data.num_epochs = 6
+  records = list(pipeline.make_records(config, seed=0, num_epochs=6))
+  assert len(records) == 48
+  preprocess = pipeline.make_preprocessor(config, seed=0)
+  tokens = {}
+  for index, record in records:
+    out = preprocess(index, record)
+    assert isinstance(record["caption"], list) and len(record["caption"]) == 5
+    tokens.setdefault(record["example_id"], []).append(tuple(out["text_tokens"]))
+    again = preprocess(index, record)
+    np.testing.assert_array_equal(out["text_tokens"], again["text_tokens"])
+  assert len(tokens) == 8
+  # Six epochs of five captions each: every image sees more than one of them.
+  assert all(len(set(t)) > 1 for t in tokens.values())
+
+
+def test_folder_and_class_folder_sources(config, tmp_path):
+  root = tmp_path / "captioned"
+  root.mkdir()
+  lines = []
+  for i in range(5):
+    (root / f"{i}.jpg").write_bytes(jpeg(seed=i))
+    lines.append(f'{{"file": "{i}.jpg", "captions": ["a {i}", "b {i}"]}}')
+  (root / "captions.jsonl").write_text("\n".join(lines))
+  config.data.source, config.data.train_files = "folder", str(root)
+  assert sorted(_ids(_batches(config)[0])) == list(range(5))
+
+  csv_root = tmp_path / "csv"
+  csv_root.mkdir()
+  (csv_root / "x.png").write_bytes(jpeg())
+  (csv_root / "captions.csv").write_text('file,caption\nx.png,"a, quoted caption"\n')
+  record = pipeline.make_source(config, "train", "folder", str(csv_root))[0]
+  assert record["caption"] == "a, quoted caption" and record["image"].startswith(b"\xff\xd8")
+
+  classes = tmp_path / "classes"
+  for k, name in enumerate(["tench", "goldfish"]):
+    (classes / name).mkdir(parents=True)
+    for j in range(3):
+      (classes / name / f"{j}.JPEG").write_bytes(jpeg(seed=10 * k + j))
+  source = pipeline.make_source(config, "train", "class_folders", str(classes))
+  assert source.classnames == ("goldfish", "tench")
+  assert [source[i]["label"] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+  batches = list(pipeline.make_eval_dataset(config, source, label_field="label",
+                                            num_classes=2))
+  labels = np.concatenate([b["labels"][b["image_mask"]] for b in batches])
+  assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]

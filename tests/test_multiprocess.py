@@ -1,0 +1,122 @@
+"""Two processes of 4 CPU devices train exactly like one process of 8.
+
+Both runs go through the real trainer on a tiny demo config, with the state sharded over
+data x fsdp x model and the chunked sigmoid loss (texts passed round the ring across the
+two processes). The processes talk through a coordinator on localhost and gloo collectives.
+Every process reads the same global batches (config.data.shard_by_process = False) and
+feeds its own rows of each, so both runs see the same examples in the same order.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from navit_clip import distributed
+from navit_clip.config import default_config, validate
+
+STEPS = 3
+MESH = "data:2,fsdp:2,model:2"
+RTOL = 1e-5  # the two layouts sum across devices in another order
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(tmp_path, tokenizer, name, devices, *dist_args):
+  out = tmp_path / f"{name}.json"
+  workdir = tmp_path / name.split("-")[0]
+  args = [sys.executable, __file__, tokenizer, str(workdir), str(out), str(devices),
+          *map(str, dist_args)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  log = open(tmp_path / f"{name}.log", "w")
+  return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), out
+
+
+def test_cluster_environment_is_detected_from_the_environment():
+  assert distributed.cluster_environment({}) is None
+  assert distributed.cluster_environment({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+  assert distributed.cluster_environment({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == "slurm"
+  assert distributed.cluster_environment({"TPU_WORKER_HOSTNAMES": "t0"}) is None
+  assert distributed.cluster_environment({"TPU_WORKER_HOSTNAMES": "t0,t1"}) == "cloud_tpu"
+  assert distributed.cluster_environment(
+      {"JAX_COORDINATOR_ADDRESS": "h:1234"}) == "JAX_COORDINATOR_ADDRESS"
+
+
+def test_a_single_process_starts_nothing(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+  c = default_config().distributed
+  assert not distributed.initialize(c)
+  c.initialize = "no"
+  assert not distributed.initialize(c)
+
+
+def test_config_checks_the_coordinator_and_chunked_loss():
+  c = default_config()
+  c.distributed.coordinator = "localhost:1234"
+  with pytest.raises(ValueError, match="distributed.coordinator"):
+    validate(c)
+  c = default_config()
+  c.task, c.model.num_classes, c.loss.name = "classification", 3, "softmax_xent"
+  c.loss.chunked = True
+  with pytest.raises(ValueError, match="loss.chunked"):
+    validate(c)
+  c = default_config()
+  c.mesh = "data:-1,model:x"
+  with pytest.raises(ValueError, match="config.mesh"):
+    validate(c)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(demo_tokenizer_path, tmp_path):
+  port = _free_port()
+  runs = [_start(tmp_path, demo_tokenizer_path, "single", 8)]
+  runs += [_start(tmp_path, demo_tokenizer_path, f"multi-{i}", 4, f"localhost:{port}", 2, i)
+           for i in range(2)]
+  for (proc, _), name in zip(runs, ("single", "multi-0", "multi-1")):
+    try:
+      code = proc.wait(timeout=120)
+    finally:
+      proc.kill()
+    assert code == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+  single, multi0, multi1 = (json.loads(out.read_text()) for _, out in runs)
+  assert single["devices"] == multi0["devices"] == 8
+  assert multi0["processes"] == multi1["processes"] == 2
+  assert len(single["losses"]) == STEPS and np.all(np.isfinite(single["losses"]))
+  np.testing.assert_allclose(multi0["losses"], single["losses"], rtol=RTOL)
+  assert multi0["losses"] == multi1["losses"]
+
+
+def _child_main(tokenizer, workdir, out, devices, coordinator="", num_processes=0,
+                process_id=-1):
+  jax.config.update("jax_num_cpu_devices", int(devices))
+  from conftest import tiny_demo_config
+  from navit_clip.train import train
+
+  config = tiny_demo_config(tokenizer, steps=STEPS)
+  config.data.batch_size = 8
+  config.data.shard_by_process = False
+  config.train.log_every = 1
+  config.mesh = MESH
+  config.sharding.fsdp_min_size = 0
+  config.loss.chunked = True
+  config.distributed.coordinator = coordinator
+  config.distributed.num_processes = int(num_processes)
+  config.distributed.process_id = int(process_id)
+  result = train(config, workdir)
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump({"losses": result.losses, "devices": jax.device_count(),
+               "processes": jax.process_count()}, f)
+
+
+if __name__ == "__main__":
+  _child_main(*sys.argv[1:])
