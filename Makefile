@@ -5,18 +5,23 @@ PY := $(VENV)/bin/python
 
 .PHONY: venv demo test test-fast bench clean
 
+# The demo needs the runtime only; tests also need pytest, hypothesis and TensorFlow (the
+# SavedModel export round-trip), so `make test` installs the test and tf extras.
 venv:
-	@VENV=$(VENV) bash scripts/setup_venv.sh
+	@VENV=$(VENV) EXTRAS=$(EXTRAS) bash scripts/setup_venv.sh
 
 demo: venv
 	$(VENV)/bin/navit-clip demo $(ARGS)
 
+test: EXTRAS = test,tf
 test: venv
 	$(PY) -m pytest -q $(ARGS)
 
+test-fast: EXTRAS = test,tf
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
+bench: EXTRAS = test,tf
 bench: venv
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 

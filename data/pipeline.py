@@ -22,6 +22,8 @@ packer's pending images) checkpoints. A resumed run must use the same worker cou
 
 from __future__ import annotations
 
+import dataclasses
+
 import grain
 import ml_collections
 
@@ -225,6 +227,9 @@ def make_train_dataset(config: ml_collections.ConfigDict, *,
                        process_count: int | None = None) -> grain.IterDataset:
   """Packed training batches (host NumPy dicts of `batch_spec(config)`) of this process.
 
+  When the data is sharded by process, each process packs its own B / process_count rows
+  (navit_clip.sharding.global_batch assembles the global batch on the devices).
+
   Endless unless config.data.num_epochs > 0. `process_index` / `process_count` default to
   jax.process_index() / jax.process_count() when config.data.shard_by_process, else 0 / 1.
   `navit_clip.data.counters.data_counters(iterator)` reads the skip counters of an iterator.
@@ -240,6 +245,12 @@ def make_train_dataset(config: ml_collections.ConfigDict, *,
     raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
   records = make_records(config, seed=config.seed, num_epochs=d.num_epochs,
                          process_index=process_index, process_count=process_count)
+  spec = batch_spec(config)
+  if process_count > 1 and d.shard_by_process:
+    if spec.batch_size % process_count:
+      raise ValueError(f"config.data.batch_size = {spec.batch_size} does not split over "
+                       f"{process_count} processes")
+    spec = dataclasses.replace(spec, batch_size=spec.batch_size // process_count)
   preprocess = make_preprocessor(config, seed=config.seed)
   if isinstance(records, grain.MapDataset):
     ds = records.map_with_index(preprocess).to_iter_dataset()
@@ -247,30 +258,5 @@ def make_train_dataset(config: ml_collections.ConfigDict, *,
     ds = records.map(preprocess.on_pair)
   if d.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-  return PackedBatchDataset(_count_skips(ds, config, _source_name(config)),
-                            batch_spec(config), packer=d.packer, window=d.pack_window,
-                            bins=d.pack_bins)
-
-
-def make_eval_dataset(config: ml_collections.ConfigDict, source, *, label_field: str,
-                      num_classes: int,
-                      resolution: ml_collections.ConfigDict | None = None) -> grain.IterDataset:
-  """One pass over `source` in order, packed, with int labels from `label_field` per slot.
-
-  No shuffle, no token dropping; `resolution` (default: config.data.resolution) should be
-  a deterministic policy such as a patch budget. Unusable records are counted and skipped.
-  """
-  spec = batch_spec(config)
-  spec = BatchSpec(batch_size=spec.batch_size, seq_len=spec.seq_len,
-                   max_images=spec.max_images, patch_size=spec.patch_size,
-                   channels=spec.channels, num_classes=num_classes)
-  sampler = ResolutionSampler.from_config(resolution or config.data.resolution,
-                                          spec.patch_size, spec.seq_len)
-  preprocess = Preprocessor(patch_size=spec.patch_size, sampler=sampler,
-                            dropper=TokenDropper(kind="none"), seed=config.seed,
-                            label_field=label_field, num_classes=num_classes,
-                            limits=decode_limits(config), draft=config.data.decode.draft)
-  ds = grain.MapDataset.source(source).map_with_index(preprocess).to_iter_dataset()
-  return PackedBatchDataset(_count_skips(ds, config, repr(source)), spec,
-                            packer=config.data.packer, window=config.data.pack_window,
-                            bins=config.data.pack_bins)
+  return PackedBatchDataset(_count_skips(ds, config, _source_name(config)), spec,
+                            packer=d.packer, window=d.pack_window, bins=d.pack_bins)

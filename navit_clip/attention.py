@@ -5,9 +5,21 @@ attend among themselves, so no softmax row is ever fully masked (no NaN) and pad
 mixes with an image. With `causal=True` a query at position i also sees only keys at
 positions j <= i (text towers). Every backend is tested equal to the "xla" reference.
 
-Backends:
-  xla     jax.nn.dot_product_attention with a boolean [B, 1, Lq, Lk] mask (reference; any device)
-  splash  Pallas splash attention with SegmentIds (TPU; interpret mode elsewhere, for tests)
+Backends (`BACKENDS`):
+  xla         jax.nn.dot_product_attention with a boolean [B, 1, Lq, Lk] mask (reference;
+              any platform).
+  cudnn       jax.nn.dot_product_attention(implementation="cudnn") with the same mask, which
+              cuDNN receives as a dense additive bias (correct, O(Lq * Lk) memory per row).
+              cuDNN takes bf16/fp16 only: other inputs are cast to bf16 and the output cast
+              back. Needs a CUDA GPU with cuDNN.
+  pallas_gpu  the Pallas-Triton flash-attention kernel with segment ids (GPU; self-attention
+              only, see navit_clip.attention_pallas_gpu).
+  splash      Pallas splash attention with SegmentIds (TPU; see navit_clip.attention_splash).
+"auto" (`CHOICES`) picks splash on TPU, cudnn on GPU and xla on CPU (`resolve_backend`).
+
+Platforms: a backend runs on its own platform, and the Pallas kernels also run on CPU in
+interpret mode (slow but exact: for tests). Anything else raises a RuntimeError naming the
+backend and the platform; no backend ever falls back to another.
 """
 
 from __future__ import annotations
@@ -15,7 +27,40 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "splash")
+BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash")
+CHOICES = ("auto", *BACKENDS)
+AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "xla"}  # platform -> backend for "auto"
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+# Platforms each backend runs on ("cpu" for a Pallas kernel means interpret mode).
+_PLATFORMS = {"xla": None, "cudnn": ("gpu",), "pallas_gpu": ("gpu", "cpu"),
+              "splash": ("tpu", "cpu")}
+
+
+def resolve_backend(name: str, platform: str | None = None) -> str:
+  """The backend that `name` means on `platform` (default: jax.default_backend()).
+
+  "auto" becomes AUTO[platform]; a name in BACKENDS is returned as it is. Raises ValueError
+  for any other name.
+  """
+  if name == "auto":
+    platform = platform or jax.default_backend()
+    if platform not in AUTO:
+      raise ValueError(f"attention backend 'auto' knows no backend for platform "
+                       f"{platform!r}; choose one of {BACKENDS}")
+    return AUTO[platform]
+  if name not in BACKENDS:
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {CHOICES}")
+  return name
+
+
+def check_platform(backend: str, platform: str) -> None:
+  """Raises RuntimeError if `backend` (one of BACKENDS) cannot run on `platform`."""
+  allowed = _PLATFORMS[backend]
+  if allowed is not None and platform not in allowed:
+    raise RuntimeError(f"attention backend {backend!r} cannot run on platform {platform!r} "
+                       f"(it runs on {' or '.join(allowed)}); use 'xla', or 'auto' to pick "
+                       f"{AUTO.get(platform, 'xla')!r} here")
 
 
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *,
@@ -35,25 +80,48 @@ def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, causal):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal):
+  """cuDNN fused attention; f32 inputs run in bf16 (cuDNN's softmax accumulates in f32)."""
+  mask = segment_mask(q_segment_ids, kv_segment_ids, causal=causal)
+  dtype = q.dtype if q.dtype in CUDNN_DTYPES else jnp.bfloat16
+  out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                     mask=mask, implementation="cudnn")
+  return out.astype(q.dtype)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
               kv_segment_ids: jax.Array, *, backend: str = "xla",
               causal: bool = False) -> jax.Array:
   """Scaled dot-product attention restricted to equal segment ids.
 
   Args:
-    q: [B, Lq, H, Dh] queries; k, v: [B, Lk, H, Dh]. Any float dtype; softmax runs in f32.
+    q: [B, Lq, H, Dh] queries; k, v: [B, Lk, H, Dh], all of one float dtype; softmax runs
+      in f32. "cudnn" computes f32 inputs in bf16 (see the module docstring).
     q_segment_ids: int32 [B, Lq]; kv_segment_ids: int32 [B, Lk]. 0 marks padding.
-    backend: one of BACKENDS.
-    causal: also mask keys after the query position (self-attention; "xla" backend only).
+    backend: one of CHOICES ("auto" is resolved by `resolve_backend`).
+    causal: also mask keys after the query position (self-attention; every backend but
+      "splash").
   Returns:
     [B, Lq, H, Dh] in q's dtype.
+  Raises:
+    ValueError: unknown backend, or shapes/options the backend does not support.
+    RuntimeError: the backend cannot run on this platform (`check_platform`).
   """
+  platform = jax.default_backend()
+  backend = resolve_backend(backend, platform)
+  check_platform(backend, platform)
   if backend == "xla":
     return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, causal)
+  if backend == "cudnn":
+    return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal)
+  interpret = platform == "cpu"
+  if backend == "pallas_gpu":
+    from navit_clip import attention_pallas_gpu  # Pallas import only when asked for
+    return attention_pallas_gpu.pallas_gpu_attention(
+        q, k, v, q_segment_ids, kv_segment_ids, causal=causal, interpret=interpret)
   if causal:
-    raise ValueError(f"causal attention is implemented by the 'xla' backend only, not "
-                     f"{backend!r}")
-  if backend == "splash":
-    from navit_clip import attention_splash  # Pallas import only when asked for
-    return attention_splash.splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
-  raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    raise ValueError("causal attention is not implemented by the 'splash' backend; use "
+                     "'xla', 'cudnn' or 'pallas_gpu'")
+  from navit_clip import attention_splash  # Pallas import only when asked for
+  return attention_splash.splash_attention(q, k, v, q_segment_ids, kv_segment_ids,
+                                           interpret=interpret)

@@ -4,7 +4,11 @@ Each checkpoint step holds two items: "state" (the train-state pytree, restored 
 whatever shardings the abstract target carries) and "data" (the Grain iterator state, so a
 resumed run sees exactly the batches the unbroken run would have). Saves are asynchronous
 and atomic: Orbax writes to a temporary directory and renames it when complete, so an
-interrupted save is never restored.
+interrupted save is never restored (a leftover temporary directory is ignored, and the
+trainer's Checkpointer deletes it).
+
+`restore_params` reads only the parameters (or a part of them) of a saved train state:
+evaluation and initialising from another run use it, and never read optimizer state.
 """
 
 from __future__ import annotations
@@ -20,11 +24,23 @@ class Checkpointer:
   """Saves and restores (train state, data iterator) under `directory`."""
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3,
-               keep_period: int | None = None, async_save: bool = True):
+               keep_period: int | None = None, async_save: bool = True,
+               cleanup_tmp: bool = False):
+    """Opens (or creates) `directory`.
+
+    Args:
+      directory: the checkpoints' root; one subdirectory per step.
+      max_to_keep: keep the last K checkpoints (None: all) ...
+      keep_period: ... and every checkpoint whose step is a multiple of this, forever.
+      async_save: write in a background thread; `save` blocks only to copy to the host.
+      cleanup_tmp: delete the temporary directories of interrupted saves on opening. Only
+        for the one writer of `directory` (a reader would delete a save in progress).
+    """
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        keep_period=keep_period, enable_async_checkpointing=async_save, create=True)
+        max_to_keep=max_to_keep, keep_period=keep_period,
+        enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=cleanup_tmp)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
 
@@ -43,6 +59,14 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def save_and_wait(self, step: int, state,
+                    data_iterator: grain.DatasetIterator | None = None) -> None:
+    """Saves at `step` unless that step is already saved, and waits until it is on disk."""
+    self.wait()
+    if self.latest_step() != step:
+      self.save(step, state, data_iterator)
+      self.wait()
 
   def restore(self, step: int | None, abstract_state,
               data_iterator: grain.DatasetIterator | None = None):
@@ -68,3 +92,29 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_params(state_dir: str, abstract_params, shardings=None):
+  """Restores the "params" subtree of a saved train state, or part of it; nothing else.
+
+  Args:
+    state_dir: a checkpoint step's "state" item directory.
+    abstract_params: nested dict of jax.ShapeDtypeStruct: the parameters to read (any
+      subset of the saved ones, named by the saved keys) and their shapes and dtypes.
+    shardings: jax.sharding.Sharding for each leaf of `abstract_params`, or None for the
+      default device.
+
+  Returns:
+    The parameters, with `abstract_params`' structure, as jax.Arrays placed by `shardings`.
+  """
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract_params)
+  target = {"params": jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
+      shardings)}
+  args = ocp.args.PyTreeRestore(item=target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(state_dir, args=args)["params"]

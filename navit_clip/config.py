@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from navit_clip.attention import BACKENDS
+from navit_clip.attention import CHOICES as ATTENTION_CHOICES
 from navit_clip.losses import CONTRASTIVE_LOSSES, LOSSES
 from navit_clip.optim import OPTIMIZERS, SCHEDULES, parse_lr_mults
 from navit_clip.sharding import DEFAULT_RULES, parse_mesh, parse_rules
@@ -77,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
   img.dtype = "float32"  # compute dtype; params are always float32
   img.remat = "none"  # none | full | dots
   img.scan_layers = False
-  img.attention = "xla"  # one of navit_clip.attention.BACKENDS
+  img.attention = "xla"  # auto | xla | cudnn | pallas_gpu | splash (navit_clip.attention)
 
   # Text tower; its tokenizer is data.tokenizer (Tokenizer.check_config checks the pair).
   txt = c.model.text = ml_collections.ConfigDict()
@@ -228,7 +228,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   choice("model.image.posemb_coords", img.posemb_coords, POSEMB_COORDS)
   choice("model.image.dtype", img.dtype, DTYPES)
   choice("model.image.remat", img.remat, REMAT)
-  choice("model.image.attention", img.attention, BACKENDS)
+  choice("model.image.attention", img.attention, ATTENTION_CHOICES)
   choice("model.image.pool", img.pool, ("map", "mean"))
   txt = c.model.text
   _, text_patch = parse_variant(txt.variant)

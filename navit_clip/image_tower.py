@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from navit_clip.attention import resolve_backend
 from navit_clip.layers import Encoder, MAPHead, dense
 from navit_clip.posemb import FactorizedPosEmb
 from navit_clip.sizes import parse_variant
@@ -48,6 +49,8 @@ class ImageTower(nnx.Module):
 
   __call__(batch) -> (embeddings float32 [B, M, D], image_mask bool [B, M]); M comes from
   batch["image_mask"]. `tokens` gives the per-token features [B, L, D] before pooling.
+  `attention` names the encoder's attention backend (navit_clip.attention.CHOICES); "auto"
+  is resolved here, once, for the platform the tower is built on.
   """
 
   def __init__(self, *, variant: str = "S/16", channels: int = 3, posemb: str = "learned",
@@ -70,7 +73,8 @@ class ImageTower(nnx.Module):
                                    resolution=posemb_resolution, rngs=rngs)
     self.encoder = Encoder(size.width, size.depth, size.mlp_dim, size.num_heads,
                            qk_norm=qk_norm, use_bias=use_bias, dtype=self.dtype,
-                           backend=attention, scan_layers=scan_layers, remat=remat, rngs=rngs)
+                           backend=resolve_backend(attention), scan_layers=scan_layers,
+                           remat=remat, rngs=rngs)
     self.head = (MAPHead(size.width, size.mlp_dim, size.num_heads, qk_norm=qk_norm,
                          use_bias=use_bias, dtype=self.dtype, rngs=rngs)
                  if pool == "map" else None)

@@ -25,6 +25,8 @@ from navit_clip import config as config_lib
 from navit_clip import distributed, sharding
 from navit_clip import flops as flops_lib
 from navit_clip.checkpoint import Checkpointer
+from navit_clip.data.counters import data_counters
+from navit_clip.evaluate.runner import run_evals, scalar_metrics
 from navit_clip.losses import chunked_name
 from navit_clip.metrics import MetricsLogger
 from navit_clip.model import build_model
@@ -42,10 +44,18 @@ class TrainResult:
   workdir: str
 
 
+# Host-only fields of a packed batch: kept for tracing and export, never sent to devices.
+HOST_ONLY_FIELDS = ("example_id",)
+
+
 def _host_batch_stats(batch: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
   """(images, real tokens, total tokens) of a host batch."""
   seg = batch["segment_ids"]
   return int(batch["image_mask"].sum()), int((seg > 0).sum()), int(seg.size)
+
+
+def _device_fields(batch: Mapping) -> dict:
+  return {k: v for k, v in batch.items() if k not in HOST_ONLY_FIELDS}
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
@@ -130,8 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=0)
-  spec_batch = {k: jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
-                for k, (shape, dtype) in pipeline.batch_spec(config).shapes().items()}
+  spec_batch = _device_fields({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype)
+                               in pipeline.batch_spec(config).shapes().items()})
   with jax.set_mesh(mesh):
     compiled = step_fn.lower(state, spec_batch).compile()
   step_flops = flops_lib.compiled_flops(compiled)
@@ -154,12 +164,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       window["real"] += real
       window["tokens"] += tokens
       window["rows"] += batch["segment_ids"].shape[0]
-      state, metrics = compiled(state, sharding.global_batch(batch, mesh,
+      state, metrics = compiled(state, sharding.global_batch(_device_fields(batch), mesh,
                                                              config.data.batch_size))
       step += 1
       pending_metrics.append(metrics["loss"])
       if step % tc.checkpoint_every == 0:
         ckpt.save(step, state, data_iter)
+      if config.evals and jax.process_count() == 1:
+        evals = run_evals(nnx.merge(graphdef, state["params"], rest), config, step, workdir)
+        if evals:
+          logger.log(step, scalar_metrics(evals), prefix="eval")
       if step % tc.log_every == 0 or step == total_steps:
         host = jax.device_get(metrics)
         losses.extend(float(x) for x in jax.device_get(pending_metrics))
@@ -169,17 +183,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
               f"loss is {host['loss']} at step {step}; last good checkpoint: "
               f"{ckpt.latest_step()} in {ckpt.directory}")
         elapsed = time.perf_counter() - t_window
-        n_steps = window["rows"] / batch["segment_ids"].shape[0]
+        rows = batch["segment_ids"].shape[0]  # this process's share of the global batch
+        n_steps, share = window["rows"] / rows, config.data.batch_size / rows
         out = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
-        out.update(
-            images_per_s=window["images"] / elapsed,
-            tokens_per_s=window["real"] / elapsed,
+        out.update(  # throughput of the whole run: this process's counts x processes
+            images_per_s=window["images"] * share / elapsed,
+            tokens_per_s=window["real"] * share / elapsed,
             padding=1.0 - window["real"] / max(window["tokens"], 1),
             images_per_row=window["images"] / max(window["rows"], 1),
             data_wait_frac=window["wait"] / elapsed,
             step_time=elapsed / n_steps,
             mfu=step_flops * n_steps / elapsed / peak,
         )
+        out.update({f"data/{k}": v for k, v in data_counters(data_iter).items()})
         logger.log(step, out)
         window = dict.fromkeys(window, 0)
         t_window = time.perf_counter()

@@ -1,6 +1,8 @@
 """The Grain pipeline over real formats: exactly once, worker-count independence, resume,
 multi-host shards, mixtures, per-epoch caption choice."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,9 @@ from navit_clip.config import DATA_SOURCES, validate
 from navit_clip.data import pipeline
 from navit_clip.data.convert import convert
 from navit_clip.data.counters import data_counters
+from navit_clip.data.resolution import ResolutionSampler
 from navit_clip.data.sources.stream import ID_MIXTURE_SHIFT
+from navit_clip.evaluate.inputs import inference_batches
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +225,9 @@ def test_folder_and_class_folder_sources(config, tmp_path):
   source = pipeline.make_source(config, "train", "class_folders", str(classes))
   assert source.classnames == ("goldfish", "tench")
   assert [source[i]["label"] for i in range(6)] == [0, 0, 0, 1, 1, 1]
-  batches = list(pipeline.make_eval_dataset(config, source, label_field="label",
-                                            num_classes=2))
+  spec = dataclasses.replace(pipeline.batch_spec(config), text_len=None, num_classes=2)
+  sampler = ResolutionSampler.from_config(config.data.resolution, spec.patch_size,
+                                          spec.seq_len)
+  batches = list(inference_batches(source, spec, sampler, label_field="label"))
   labels = np.concatenate([b["labels"][b["image_mask"]] for b in batches])
   assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from navit_clip.attention import AUTO
 from navit_clip.config import default_config, validate
 from navit_clip.image_tower import ImageTower, normalize_patches
 from navit_clip.layers import Encoder
@@ -200,12 +201,20 @@ def test_bfloat16_close_to_float32(images):
   np.testing.assert_allclose(got, want, atol=0.05 * scale)
 
 
-def test_splash_backend_matches_xla(images):
+@pytest.mark.parametrize("backend", ["splash", "pallas_gpu"])
+def test_kernel_backend_matches_xla(images, backend):
+  if jax.default_backend() != "cpu":
+    pytest.skip("compared in interpret mode on CPU; tests/test_attention.py covers devices")
   a, b, c, d, e = images
   batch = _pack([[a, b, c, d, e], [e, a]], 128, 5)
   want, _ = _tower()(batch)
-  got, _ = _tower(attention="splash")(batch)
+  got, _ = _tower(attention=backend)(batch)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_attention_is_resolved_at_build():
+  tower = _tower(attention="auto")
+  assert tower.encoder.blocks[0].attn.backend == AUTO[jax.default_backend()]
 
 
 def test_one_compile_for_different_layouts(images):

@@ -14,10 +14,9 @@ import os
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from navit_clip.checkpoint import Checkpointer
+from navit_clip.checkpoint import Checkpointer, restore_params
 from navit_clip.config import default_config
 from navit_clip.model import build_model
 
@@ -57,26 +56,6 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return sorted(ckpt.all_steps())
   finally:
     ckpt.close()
-
-
-def restore_params(state_dir: str, abstract_params):
-  """Restores the "params" subtree of a saved train state; nothing else is read.
-
-  Args:
-    state_dir: a checkpoint step's "state" item directory.
-    abstract_params: pure dict pytree of jax.ShapeDtypeStruct (the target layout).
-
-  Returns:
-    The parameters as a pure dict of jax.Array on the default device.
-  """
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {"params": jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)}
-  args = ocp.args.PyTreeRestore(item=target,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                partial_restore=True)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    return checkpointer.restore(state_dir, args=args)["params"]
 
 
 def restore_model(workdir: str, step: int | None = None) -> Restored:
