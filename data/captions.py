@@ -75,6 +75,22 @@ def choose_caption(value, rng: np.random.Generator, repair: str = "replace"
   return usable[0] if len(usable) == 1 else usable[int(rng.integers(len(usable)))]
 
 
+def usable_captions(value, repair: str = "replace") -> list[str]:
+  """Every usable caption of a record's "caption" field, stripped, in order.
+
+  Args:
+    value: str, bytes, or a list / tuple / array of them; None if the record has none.
+    repair: as in `choose_caption`.
+
+  Returns:
+    The texts `choose_caption` chooses from; [] when there is none.
+  """
+  if value is None:
+    return []
+  items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+  return [text for text, _ in (_clean(v, repair) for v in items) if text is not None]
+
+
 def _not_utf8(raw: bytes) -> bool:
   try:
     bytes(raw).decode("utf-8")

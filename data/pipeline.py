@@ -104,6 +104,27 @@ def make_source(config: ml_collections.ConfigDict, split: str, kind: str | None 
   raise ValueError(f"config.data.source = {kind!r}; expected one of {list(SOURCES)}")
 
 
+def _reader(config: ml_collections.ConfigDict, kind: str):
+  """The FileStream reader of a streamed source kind."""
+  if kind == "webdataset":
+    return TarReader(config.data.max_member_bytes)
+  return TFRecordReader(example_keys(config))
+
+
+def make_stream(config: ml_collections.ConfigDict, kind: str, files: str) -> grain.IterDataset:
+  """One ordered pass over the records of streamed `files` (evaluation, export).
+
+  The files in the order `expand_paths` gives, one at a time, each record once: no file
+  shuffle, no window shuffle, no repeat. Records without an example id get
+  `file << 32 | n` (see navit_clip.data.sources.stream); unreadable ones are skip markers.
+  """
+  if kind not in STREAMS:
+    raise ValueError(f"stream kind {kind!r} is not one of {list(STREAMS)}")
+  paths = expand_paths(files, what=f"{kind} files")
+  return FileStream(paths, _reader(config, kind), file_ids=range(len(paths)), seed=0,
+                    cycle=1, num_epochs=1, shuffle_files=False)
+
+
 def _file_stream(config: ml_collections.ConfigDict, kind: str, files: str, *, seed: int,
                  num_epochs: int, process_index: int, process_count: int) -> grain.IterDataset:
   d = config.data
@@ -113,10 +134,8 @@ def _file_stream(config: ml_collections.ConfigDict, kind: str, files: str, *, se
   if not paths:
     raise ValueError(f"{kind} files {files!r}: {len(ids)} files for {process_count} "
                      "processes; every process needs at least one file")
-  reader = (TarReader(d.max_member_bytes) if kind == "webdataset"
-            else TFRecordReader(example_keys(config)))
-  ds = FileStream(paths, reader, file_ids=ids, seed=seed, cycle=d.cycle_length,
-                  num_epochs=num_epochs)
+  ds = FileStream(paths, _reader(config, kind), file_ids=ids, seed=seed,
+                  cycle=d.cycle_length, num_epochs=num_epochs)
   if d.shuffle_window > 1:
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=d.shuffle_window,
                                                      seed=seed)

@@ -32,9 +32,10 @@ CHOICES = ("auto", *BACKENDS)
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cpu": "xla"}  # platform -> backend for "auto"
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
-# Platforms each backend runs on ("cpu" for a Pallas kernel means interpret mode).
-_PLATFORMS = {"xla": None, "cudnn": ("gpu",), "pallas_gpu": ("gpu", "cpu"),
-              "splash": ("tpu", "cpu")}
+# The platform each accelerator backend needs; the Pallas kernels also run on CPU in
+# interpret mode.
+_NATIVE = {"cudnn": "gpu", "pallas_gpu": "gpu", "splash": "tpu"}
+_INTERPRETED = ("pallas_gpu", "splash")
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
@@ -56,11 +57,13 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
 
 def check_platform(backend: str, platform: str) -> None:
   """Raises RuntimeError if `backend` (one of BACKENDS) cannot run on `platform`."""
-  allowed = _PLATFORMS[backend]
-  if allowed is not None and platform not in allowed:
-    raise RuntimeError(f"attention backend {backend!r} cannot run on platform {platform!r} "
-                       f"(it runs on {' or '.join(allowed)}); use 'xla', or 'auto' to pick "
-                       f"{AUTO.get(platform, 'xla')!r} here")
+  native = _NATIVE.get(backend)
+  if native is None or platform == native or (platform == "cpu" and backend in _INTERPRETED):
+    return
+  also = " (or cpu, interpreted, for tests)" if backend in _INTERPRETED else ""
+  raise RuntimeError(f"attention backend {backend!r} cannot run on platform {platform!r}: it "
+                     f"needs {native}{also}; choose 'xla', or 'auto' "
+                     f"(here {AUTO.get(platform, 'xla')!r})")
 
 
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *,

@@ -14,6 +14,7 @@ import ml_collections
 
 from navit_clip.attention import CHOICES as ATTENTION_CHOICES
 from navit_clip.losses import CONTRASTIVE_LOSSES, LOSSES
+from navit_clip.nonfinite import MODES as NONFINITE_MODES
 from navit_clip.optim import OPTIMIZERS, SCHEDULES, parse_lr_mults
 from navit_clip.sharding import DEFAULT_RULES, parse_mesh, parse_rules
 from navit_clip.sizes import parse_variant
@@ -206,6 +207,13 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_period = 0  # and every N-th step forever (0 = none)
   t.peak_flops = 0.0  # device peak for MFU; 0 = measure a matmul at start
   t.tensorboard = True
+  t.nonfinite = "stop"  # NaN / Inf loss or gradients: "stop" (raise) | "skip" (the step)
+
+  # Start from another run's parameters (navit_clip.init_from); only when not resuming.
+  init = c.init = ml_collections.ConfigDict()
+  init.checkpoint = ""  # a workdir, its checkpoints/ or one step's directory; "" = none
+  init.step = -1  # -1 = the latest complete checkpoint
+  init.params = "image"  # "src->dst;...": this model's dst/... from the checkpoint's src/...
 
   # Evaluators, by name -> eval_config(...); none by default.
   c.evals = ml_collections.ConfigDict()
@@ -250,6 +258,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.task == "classification" and c.model.num_classes < 1:
     raise ValueError(f"config.model.num_classes = {c.model.num_classes}: classification "
                      "needs >= 1 class")
+  choice("train.nonfinite", c.train.nonfinite, NONFINITE_MODES)
+  if c.init.checkpoint:
+    from navit_clip.init_from import parse_mapping  # imports Orbax: loaded on use
+    parse_mapping(c.init.params)
   if c.train.log_every < 1 or c.train.checkpoint_every < 1:
     raise ValueError("config.train.log_every and checkpoint_every must be >= 1")
   if not 1 <= d.max_images <= d.seq_len:

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import grain
 import ml_collections
 import numpy as np
 
@@ -175,6 +176,10 @@ def export_image_embeddings(embedder: Embedder, config: ml_collections.ConfigDic
     batch_size, seq_len, max_images: the packed batch shape (0 = defaults, see
       `policy.inference_spec`).
   """
+  if isinstance(source, grain.IterDataset):
+    raise ValueError(f"embedding export resumes by record range, which needs a random-access "
+                     f"source; {source} is a stream: convert it to ArrayRecord with "
+                     "`navit-clip data convert` and embed arrayrecord:GLOB")
   spec = inference_spec(config, policy, batch_size=batch_size, seq_len=seq_len,
                         max_images=max_images)
   sampler = policy.sampler(spec.patch_size, spec.seq_len, config.data.resolution.max_upscale)

@@ -20,6 +20,7 @@ from flax import nnx
 from navit_clip.attention import resolve_backend
 from navit_clip.layers import Encoder, MAPHead, dense
 from navit_clip.posemb import FactorizedPosEmb
+from navit_clip.sharding import constrain_batch
 from navit_clip.sizes import parse_variant
 
 POOLS = ("map", "mean")
@@ -103,8 +104,8 @@ class ImageTower(nnx.Module):
       raise ValueError(f"patches must be [B, L, {want}] for patch {self.patch_size} and "
                        f"{self.channels} channels, got {pixels.shape}")
     x = self.embedding(pixels.astype(self.dtype))
-    x = x + self.posemb(positions, grid_hw).astype(self.dtype)
-    return self.encoder(x, segment_ids)
+    x = constrain_batch(x + self.posemb(positions, grid_hw).astype(self.dtype))
+    return constrain_batch(self.encoder(x, segment_ids))
 
   def pool(self, tokens: jax.Array, segment_ids: jax.Array,
            image_mask: jax.Array) -> jax.Array:

@@ -37,9 +37,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--only", default="", help="comma-separated evaluators of config.evals")
   p.add_argument("--zeroshot", default="", metavar="DATASET",
                  help="add a zero-shot evaluator: demo:TASK | folder:DIR | arrayrecord:GLOB "
-                 "| tfds:NAME")
+                 "| tfrecord:GLOB | webdataset:PATTERN | tfds:NAME")
   p.add_argument("--retrieval", default="", metavar="DATASET",
-                 help="add a retrieval evaluator: demo | coco:JSON | karpathy:JSON")
+                 help="add a retrieval evaluator: demo | coco:JSON | karpathy:JSON | "
+                 "tfrecord:GLOB | webdataset:PATTERN")
   p.add_argument("--classnames", default="", help="zero-shot class names: imagenet or a file")
   p.add_argument("--templates", default="", help="clip | clip_short | a file")
   p.add_argument("--resolution", default="budget:256", help="policy of the added evaluator")
@@ -53,7 +54,8 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
   add_model_args(p)
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument("--images", help="a directory, glob, .txt list of paths, image file, or "
-                    "a dataset (demo, folder:DIR, arrayrecord:GLOB, coco:JSON, ...)")
+                    "a random-access dataset (demo, folder:DIR, arrayrecord:GLOB, "
+                    "coco:JSON, ...)")
   what.add_argument("--texts", help="a text file, one text per line")
   p.add_argument("--out", required=True,
                  help="output prefix: OUT.npy + OUT.jsonl, or OUT.parquet")

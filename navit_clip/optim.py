@@ -1,7 +1,7 @@
 """The optimizer: an optax chain built from `config.optim`, with regex rules on parameter names.
 
 Parameters are named by their path in the parameter pytree, joined with "/", e.g.
-"image/encoder/blocks/0/attn/query/kernel" (see `flatten_names`). Regular expressions over
+"image/encoder/blocks/0/attn/query/kernel" (see navit_clip.param_names). Regular expressions over
 these names, matched against the whole name (`re.fullmatch`), choose:
   - weight decay: `wd_regex` (default: every "kernel");
   - learning-rate multipliers: `lr_mults`, "regex=mult;regex=mult", the first rule that
@@ -26,42 +26,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
+from navit_clip.param_names import first_match, flatten_names, split_rules
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 
 _TRAIN, _FROZEN = "train", "frozen"
-
-
-def _key_name(key) -> str:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  raise TypeError(f"cannot name pytree key {key!r} of type {type(key).__name__}")
-
-
-def flatten_names(tree: Any) -> Any:
-  """The pytree of "/"-joined path names of `tree`'s leaves, with `tree`'s structure.
-
-  Works on nested dicts, lists and tuples, and on the nnx.State of
-  `nnx.split(model, nnx.Param)`, whether its leaves are nnx.Variables or plain arrays: a
-  Variable is named by its path (without its internal "value" field), so
-  `model.image.query.kernel` is "image/query/kernel" either way.
-  """
-
-  def name(path, leaf):
-    joined = "/".join(_key_name(k) for k in path)
-    if isinstance(leaf, nnx.Variable):
-      return jax.tree.map(lambda _: joined, leaf)
-    return joined
-
-  return jax.tree.map_with_path(name, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def parse_lr_mults(spec: str) -> list[tuple[str, float]]:
@@ -70,28 +40,19 @@ def parse_lr_mults(spec: str) -> list[tuple[str, float]]:
   The multiplier follows the last "=" of each rule, so regexes may contain "=".
   """
   rules = []
-  for rule in filter(None, (r.strip() for r in spec.split(";"))):
-    pattern, sep, mult = rule.rpartition("=")
-    if not sep or not pattern:
-      raise ValueError(f"lr_mults rule {rule!r} is not 'regex=multiplier'")
+  for pattern, mult in split_rules(spec, "lr_mults", "multiplier"):
     try:
       value = float(mult)
-      re.compile(pattern)
     except ValueError as e:
-      raise ValueError(f"lr_mults rule {rule!r}: bad multiplier {mult!r}") from e
-    except re.error as e:
-      raise ValueError(f"lr_mults rule {rule!r}: bad regex {pattern!r}: {e}") from e
+      raise ValueError(f"lr_mults rule {pattern}={mult}: bad multiplier {mult!r}") from e
     if value < 0:
-      raise ValueError(f"lr_mults rule {rule!r}: multiplier must be >= 0")
+      raise ValueError(f"lr_mults rule {pattern}={mult}: multiplier must be >= 0")
     rules.append((pattern, value))
   return rules
 
 
 def _multiplier(name: str, rules: list[tuple[str, float]]) -> float:
-  for pattern, mult in rules:
-    if re.fullmatch(pattern, name):
-      return mult
-  return 1.0
+  return first_match(name, rules, 1.0)
 
 
 def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

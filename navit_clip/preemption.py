@@ -25,10 +25,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionGuard:
-  """Records SIGTERM / SIGINT while active (a context manager) instead of dying.
+  """Records SIGTERM / SIGINT between `install()` and `uninstall()` instead of dying.
 
-  Entering installs the handlers (only in the main thread, where Python delivers signals);
-  leaving restores the handlers that were there before.
+  Handlers are installed only in the main thread (where Python delivers signals);
+  `uninstall()` puts back the handlers that were there before.
   """
 
   def __init__(self):
@@ -39,13 +39,13 @@ class PreemptionGuard:
     del frame
     self.signal_name = signal.Signals(signum).name
 
-  def __enter__(self) -> PreemptionGuard:
+  def install(self) -> PreemptionGuard:
     if threading.current_thread() is threading.main_thread():
       for sig in SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
-  def __exit__(self, *exc) -> None:
+  def uninstall(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()

@@ -8,7 +8,7 @@ The batch is split over ("data", "fsdp"): every device holds B / (data * fsdp) r
 Every leaf of the train state (parameters and optimizer state alike) is partitioned by name
 and shape, in two passes:
   1. tensor parallelism: the first regex rule whose pattern fully matches the leaf's
-     "/"-joined name (see navit_clip.optim.flatten_names; e.g.
+     "/"-joined name (see navit_clip.param_names.flatten_names; e.g.
      "params/image/encoder/blocks/0/mlp/fc1/kernel") gives the mesh axes of its trailing
      dimensions. A rule with more dimensions than the leaf does not apply (factored
      optimizer statistics), leading dimensions the rule does not name (the depth axis of
@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from navit_clip.optim import flatten_names
+from navit_clip.param_names import flatten_names, split_rules
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -106,14 +106,8 @@ def parse_rules(spec: str) -> list[Rule]:
   The axes follow the last "=" of each rule, so regexes may contain "=".
   """
   rules = []
-  for rule in filter(None, (r.strip() for r in spec.split(";"))):
-    pattern, sep, axes = rule.rpartition("=")
-    if not sep or not pattern:
-      raise ValueError(f"sharding rule {rule!r} is not 'regex=axes'")
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f"sharding rule {rule!r}: bad regex {pattern!r}: {e}") from e
+  for pattern, axes in split_rules(spec, "sharding", "axes"):
+    rule = f"{pattern}={axes}"
     names = tuple(a.strip() for a in axes.split(","))
     for a in names:
       if a != UNSHARDED and a not in MESH_AXES:
@@ -178,6 +172,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (row) dimension split over ("data", "fsdp"); other dimensions whole."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Constrains the leading (row) dimension of `x` to ("data", "fsdp") of the current mesh.
+
+  For a tower's token activations [B, L, D]: the compiler keeps them split by rows instead
+  of choosing a layout from the parameters' shardings. The mesh is the one set by
+  `jax.set_mesh`, with AxisType.Auto axes as `make_mesh` makes them; without one, or on a
+  mesh of one device, `x` is returned unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
 
 def batch_shards(mesh: Mesh) -> int:

@@ -1,7 +1,8 @@
 """The one trainer, for every task: contrastive (SigLIP / CLIP) and classification.
 
-Reads top to bottom: config -> data -> model -> optimizer -> (resume) -> compile the step
-once -> loop (next batch, step, log, checkpoint) -> final checkpoint. The step is
+Reads top to bottom: config -> data -> model -> optimizer -> (resume, or start from another
+run's parameters) -> compile the step once -> loop (next batch, step, log, checkpoint; stop
+early on SIGTERM / SIGINT) -> final checkpoint. The step is
 ahead-of-time compiled for the batch spec, so a batch of another shape is an error, not a
 silent recompile.
 """
@@ -9,7 +10,6 @@ silent recompile.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from navit_clip import config as config_lib
-from navit_clip import distributed, sharding
+from navit_clip import distributed, init_from, nonfinite, sharding
 from navit_clip import flops as flops_lib
 from navit_clip.checkpoint import Checkpointer
 from navit_clip.data.counters import data_counters
@@ -31,17 +31,23 @@ from navit_clip.losses import chunked_name
 from navit_clip.metrics import MetricsLogger
 from navit_clip.model import build_model
 from navit_clip.optim import make_optimizer, make_schedule
+from navit_clip.preemption import PreemptionGuard
 from navit_clip.data import pipeline
 
 
 @dataclasses.dataclass
 class TrainResult:
-  """What a finished run hands back: per-step losses, the final state and the model."""
+  """What a finished run hands back: per-step losses, the final state and the model.
+
+  `stopped_by` names the signal (SIGTERM, SIGINT) that stopped the run before total_steps,
+  after saving a checkpoint at `final_step`; None when the run finished.
+  """
 
   losses: list[float]
   final_step: int
   model: nnx.Module
   workdir: str
+  stopped_by: str | None = None
 
 
 # Host-only fields of a packed batch: kept for tracing and export, never sent to devices.
@@ -64,6 +70,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   """The pure train step (state, batch) -> (state, metrics); state is a dict pytree.
 
   state = {"params": pure dict of float32 params, "opt_state": optax state, "step": int32}.
+  A step with a non-finite loss or gradient leaves params and opt_state as they were and
+  reports metrics["nonfinite"] = 1 (navit_clip.nonfinite).
   """
 
   def train_step(state, batch):
@@ -72,9 +80,12 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
       return model.loss(batch, loss_name)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
+    (params, opt_state), skipped = nonfinite.keep_if_finite(
+        loss, grad_norm, (params, opt_state), (state["params"], state["opt_state"]))
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm, nonfinite=skipped,
                    lr=schedule(state["step"] // accum_steps))
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -122,13 +133,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   state_shardings = sharding.state_shardings(jax.eval_shape(init_state, params), mesh,
                                              config.sharding)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
+                      keep_period=tc.keep_period or None, cleanup_tmp=True)
+  resuming = ckpt.latest_step() is not None
+  if config.init.checkpoint and not resuming:  # start from another run's parameters
+    params = init_from.load_params(config.init, params, state_shardings["params"])
   state = jax.jit(init_state, out_shardings=state_shardings)(params)
 
   # Resume.
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
-                      keep_period=tc.keep_period or None)
   start_step = 0
-  if ckpt.latest_step() is not None:
+  if resuming:
     state = ckpt.restore(None, state, data_iter)
     start_step = int(state["step"])
     print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
@@ -149,11 +163,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   logger = MetricsLogger(workdir, total_steps, is_primary=jax.process_index() == 0,
                          tensorboard=tc.tensorboard)
-  losses: list[float] = []
+  monitor = nonfinite.NonfiniteMonitor(tc.nonfinite, ckpt)  # per-step losses, NaN / Inf
   window = {"images": 0, "real": 0, "tokens": 0, "rows": 0, "wait": 0.0}
   t_window = time.perf_counter()
-  pending_metrics = []
   step = start_step
+  guard = PreemptionGuard().install()  # SIGTERM / SIGINT: save and stop after this step
   try:
     while step < total_steps:
       t0 = time.perf_counter()
@@ -167,21 +181,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       state, metrics = compiled(state, sharding.global_batch(_device_fields(batch), mesh,
                                                              config.data.batch_size))
       step += 1
-      pending_metrics.append(metrics["loss"])
+      monitor.record(step, metrics)
       if step % tc.checkpoint_every == 0:
+        monitor.check()  # a state from after a non-finite step is never saved in "stop" mode
         ckpt.save(step, state, data_iter)
       if config.evals and jax.process_count() == 1:
         evals = run_evals(nnx.merge(graphdef, state["params"], rest), config, step, workdir)
         if evals:
           logger.log(step, scalar_metrics(evals), prefix="eval")
       if step % tc.log_every == 0 or step == total_steps:
+        monitor.check()
         host = jax.device_get(metrics)
-        losses.extend(float(x) for x in jax.device_get(pending_metrics))
-        pending_metrics.clear()
-        if not np.isfinite(host["loss"]):
-          raise FloatingPointError(
-              f"loss is {host['loss']} at step {step}; last good checkpoint: "
-              f"{ckpt.latest_step()} in {ckpt.directory}")
         elapsed = time.perf_counter() - t_window
         rows = batch["segment_ids"].shape[0]  # this process's share of the global batch
         n_steps, share = window["rows"] / rows, config.data.batch_size / rows
@@ -194,16 +204,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             data_wait_frac=window["wait"] / elapsed,
             step_time=elapsed / n_steps,
             mfu=step_flops * n_steps / elapsed / peak,
+            nonfinite_steps=monitor.skipped,
         )
         out.update({f"data/{k}": v for k, v in data_counters(data_iter).items()})
         logger.log(step, out)
         window = dict.fromkeys(window, 0)
         t_window = time.perf_counter()
-    ckpt.wait()
-    if ckpt.latest_step() != step:
-      ckpt.save(step, state, data_iter)
+      if guard.stop_requested(sync_point=step % tc.log_every == 0
+                              or step % tc.checkpoint_every == 0):
+        break
+    monitor.check()
+    ckpt.save_and_wait(step, state, data_iter)
+    if guard.signal_name:
+      print(f"stopped by {guard.signal_name} after step {step}; saved to {ckpt.directory}",
+            flush=True)
   finally:
     ckpt.close()
     logger.close()
+    guard.uninstall()
   final_model = nnx.merge(graphdef, state["params"], rest)
-  return TrainResult(losses=losses, final_step=step, model=final_model, workdir=workdir)
+  return TrainResult(losses=monitor.losses, final_step=step, model=final_model,
+                     workdir=workdir, stopped_by=guard.signal_name)

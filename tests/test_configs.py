@@ -5,11 +5,13 @@ import pytest
 from flax import nnx
 
 from navit_clip import config as config_lib
+from navit_clip.attention import CHOICES as ATTENTION_CHOICES
 from navit_clip.config_loading import apply_overrides, load_config
 from navit_clip.model import build_model
+from navit_clip.optim import flatten_names, make_optimizer
 
 RECIPES = ["demo", "demo_classification", "siglip_navit_b16", "clip_navit_b16",
-           "siglip_navit_so400m14", "jft_navit_b16"]
+           "siglip_navit_so400m14", "jft_navit_b16", "lit_navit_b16"]
 
 
 def _param_counts(config) -> dict[str, int]:
@@ -45,6 +47,25 @@ def test_jft_recipe_size():
   assert counts["head"] == 768 * 29_593 + 29_593
 
 
+def _abstract_params(config):
+  model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _image_shapes(params) -> dict[str, tuple[int, ...]]:
+  return {n: x.shape for n, x in zip(jax.tree.leaves(flatten_names(params)),
+                                      jax.tree.leaves(params)) if n.startswith("image/")}
+
+
+def test_lit_recipe_reads_the_jft_image_tower_and_freezes_it():
+  lit = load_config("lit_navit_b16:/runs/jft")
+  config_lib.validate(lit)
+  assert lit.init.checkpoint == "/runs/jft" and lit.init.params == "image"
+  lit_params = _abstract_params(lit)
+  assert _image_shapes(lit_params) == _image_shapes(_abstract_params(load_config("jft_navit_b16")))
+  make_optimizer(lit.optim, lit_params, lit.train.total_steps)  # every lr_mults regex matches
+
+
 def test_overrides_are_typed_and_named():
   c = load_config("demo")
   apply_overrides(c, ["optim.lr=0.5", "model.image.variant=S/16", "train.total_steps=7",
@@ -66,4 +87,14 @@ def test_validate_names_the_bad_key():
   c = load_config("demo")
   c.model.image.posemb = "rotary"
   with pytest.raises(ValueError, match="model.image.posemb"):
+    config_lib.validate(c)
+
+
+def test_every_attention_choice_validates():
+  c = load_config("demo")
+  for backend in ATTENTION_CHOICES:
+    c.model.image.attention = backend
+    config_lib.validate(c)
+  c.model.image.attention = "flash"
+  with pytest.raises(ValueError, match="model.image.attention"):
     config_lib.validate(c)

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from navit_clip import sharding
 
@@ -82,6 +82,19 @@ def test_parse_rules_rejects_bad_rules():
   for bad in ("fc1", "=model", "fc1=tensor", "fc1=model,model", "fc1(=model"):
     with pytest.raises(ValueError, match="sharding rule"):
       sharding.parse_rules(bad)
+
+
+def test_constrain_batch_splits_rows_only_on_a_multi_device_mesh():
+  x = np.ones((8, 4, 2), np.float32)
+  assert sharding.constrain_batch(x) is x  # no mesh set
+  auto = (AxisType.Auto,) * len(sharding.MESH_AXES)
+  for sizes, constrained in (((1, 1, 1), False), ((2, 4, 1), True)):
+    with jax.sharding.use_abstract_mesh(AbstractMesh(sizes, sharding.MESH_AXES,
+                                                     axis_types=auto)):
+      eqns = jax.make_jaxpr(sharding.constrain_batch)(x).eqns
+    assert [e.primitive.name for e in eqns] == (["sharding_constraint"] if constrained else [])
+    if constrained:
+      assert eqns[0].params["sharding"].spec == P(sharding.BATCH_AXES)
 
 
 def _run_child(*args) -> dict:

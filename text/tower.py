@@ -19,6 +19,7 @@ from flax import nnx
 
 from navit_clip.config import TEXT_POOLS
 from navit_clip.layers import Encoder, MAPHead, dense
+from navit_clip.sharding import constrain_batch
 from navit_clip.sizes import parse_variant
 
 
@@ -113,8 +114,8 @@ class TextTower(nnx.Module):
                        f"got shape {tokens.shape}")
     segment_ids, _ = caption_segments(tokens, self.eos_id)
     x = self.embed(tokens)
-    x = x + self.posemb[:tokens.shape[1]].astype(x.dtype)
-    return self.encoder(x, segment_ids), segment_ids
+    x = constrain_batch(x + self.posemb[:tokens.shape[1]].astype(x.dtype))
+    return constrain_batch(self.encoder(x, segment_ids)), segment_ids
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """int [..., T] (e.g. a packed batch's [B, M, T]) -> float32 [..., out_dim]."""

@@ -10,11 +10,17 @@
                        images under `images_dir` (default: the JSON's directory)
   karpathy:SPLIT.json  Karpathy's COCO / Flickr30k split file (images[] with filename,
                        split, sentences[].raw); `split` picks test / val / train
-  tfds:NAME            a TFDS data directory (needs tensorflow-datasets; `split`, `data_dir`)
+  tfrecord:GLOB        TFRecord files of tf.train.Example, streamed: an int label feature
+                       (config.data.label_field) for zero-shot, captions
+                       (config.data.example_keys.caption) for retrieval; class names from
+                       the evaluator's `classnames`
+  webdataset:PATTERN   webdataset tar shards, streamed: KEY.txt / KEY.json captions for
+                       retrieval, KEY.cls labels ("label") for zero-shot
 
-Every kind gives a random-access source of records {"image", "example_id", ...} for
-`inputs.inference_batches`, plus what the evaluator needs: a label field and class names,
-or each image's captions.
+Every kind gives a source of records {"image", "example_id", ...} for
+`inputs.inference_batches` -- random access, or for tfrecord / webdataset one ordered pass
+(`navit_clip.data.pipeline.make_stream`) -- plus what the evaluator needs: a label field
+and class names, or each image's captions.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 
 from navit_clip.data.demo_source import DemoSource, zero_shot_tasks
-from navit_clip.data.pipeline import example_keys
+from navit_clip.data.pipeline import example_keys, make_stream
 from navit_clip.data.sources.arrayrecord import ArrayRecordSource
 from navit_clip.data.sources.folder import ClassFolderSource
 from navit_clip.data.sources.paths import expand_paths
 from navit_clip.evaluate.files import ImageFiles
+from navit_clip.evaluate.stream_captions import StreamCaptions
 
-KINDS = ("demo", "folder", "arrayrecord", "coco", "karpathy", "tfds")
+KINDS = ("demo", "folder", "arrayrecord", "coco", "karpathy", "tfds", "tfrecord",
+         "webdataset")
 
 
 @dataclasses.dataclass
@@ -41,7 +49,8 @@ class EvalData:
   """A source plus its labels or captions.
 
   Attributes:
-    source: len() and [i] -> record {"image", "example_id", label_field?}.
+    source: len() and [i] -> record {"image", "example_id", label_field?}; for streamed
+      kinds a grain.IterDataset of such records, one ordered pass.
     name: the dataset string, for messages.
     label_field: the record field holding the int class (zero-shot), or None.
     classnames: class index -> name (zero-shot), or None when the evaluator must name them.
@@ -127,6 +136,14 @@ def _tfds(name: str, split: str, data_dir: str) -> EvalData:
                   classnames=[n.replace("_", " ") for n in label.names])
 
 
+def _stream(kind: str, spec: str, files: str, config: ml_collections.ConfigDict) -> EvalData:
+  """TFRecord / webdataset files as one ordered pass, with labels and lazily read captions."""
+  stream = make_stream(config, kind, files)
+  label_field = config.data.label_field if kind == "tfrecord" else "label"
+  return EvalData(stream, spec, label_field=label_field,
+                  captions=StreamCaptions(stream, spec, config.data.caption_repair))
+
+
 def load_eval_data(spec: str, config: ml_collections.ConfigDict, *, split: str = "test",
                    images_dir: str = "", data_dir: str = "") -> EvalData:
   """The dataset named by `spec` (see the module docstring)."""
@@ -148,4 +165,6 @@ def load_eval_data(spec: str, config: ml_collections.ConfigDict, *, split: str =
     return _karpathy(arg, split, images_dir)
   if kind == "tfds":
     return _tfds(arg, split, data_dir)
+  if kind in ("tfrecord", "webdataset"):
+    return _stream(kind, spec, arg, config)
   raise ValueError(f"dataset {spec!r}: kind {kind!r} is not one of {list(KINDS)}")

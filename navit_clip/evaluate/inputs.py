@@ -1,9 +1,13 @@
 """Images -> packed inference batches, with every unusable record listed, never dropped silently.
 
-    source[start:stop] --Grain map: decode, resize by policy, patchify (workers)-->
+    source[start:stop]                     a random-access source, or
+    WorkerStride(first `stop` of stream)   a streamed one (TFRecord, webdataset), read once
+      --Grain map: decode, resize by policy, patchify (workers)-->
     skip markers split off (main process) --> window best-fit packing --> batches
 
-One pass, in order, no shuffle, no token dropping. The packer fills rows from a window of
+One pass, in order, no shuffle, no token dropping. A stream is read by every worker, each
+decoding its share of the positions (see navit_clip.data.sources.stream), so the records
+and their order do not depend on the worker count. The packer fills rows from a window of
 pending images, so images leave in a different order than they came: consumers key the
 embeddings by `example_id` (`embed.embed_packed` sorts by it).
 """
@@ -22,6 +26,7 @@ from navit_clip.data.decode import DecodeLimits
 from navit_clip.data.pack import Packer
 from navit_clip.data.preprocess import Preprocessor
 from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.sources.stream import WorkerStride
 from navit_clip.data.token_drop import TokenDropper
 
 PACK_WINDOW = 256  # pending images the inference packer chooses from
@@ -35,21 +40,37 @@ class Skipped:
   reason: str
 
 
+def _preprocessed(source, preprocess: Preprocessor, start: int,
+                  stop: int | None) -> grain.IterDataset:
+  """Records `start..stop` of `source` (random access or a stream), preprocessed."""
+  if not isinstance(source, grain.IterDataset):
+    return grain.MapDataset.source(source)[start:stop].map_with_index(
+        preprocess).to_iter_dataset()
+  if start:
+    raise ValueError(f"a streamed source is read from its first record; got start={start} "
+                     "(convert it to ArrayRecord with `navit-clip data convert` for ranges)")
+  if stop is not None:
+    source = grain.experimental.LimitIterDataset(source, stop)
+  return WorkerStride(source).map(preprocess.on_pair)
+
+
 def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
                       label_field: str | None = None, start: int = 0, stop: int | None = None,
                       num_workers: int = 0, limits: DecodeLimits = DecodeLimits(),
                       skipped: list[Skipped] | None = None,
                       on_records: Callable[[int], None] | None = None
                       ) -> Iterator[dict[str, np.ndarray]]:
-  """Packed batches of `spec` over records `start..stop` of a random-access `source`.
+  """Packed batches of `spec` over records `start..stop` of `source`.
 
   Args:
-    source: len() and [i] -> {"image": encoded bytes or uint8 [H, W, C], "example_id": int,
-      and `label_field` if given} or a skip marker (navit_clip.data.counters).
+    source: random access (len() and [i]), or a grain.IterDataset streaming one pass (e.g.
+      `navit_clip.data.pipeline.make_stream`), of records {"image": encoded bytes or uint8
+      [H, W, C], "example_id": int, and `label_field` if given} or skip markers
+      (navit_clip.data.counters).
     spec: the batch shape; needs num_classes when `label_field` is given.
     sampler: the resolution policy's sampler (see `policy.ResolutionPolicy.sampler`).
     label_field: record field copied to int32 "labels" [B, M].
-    start, stop: the record range (stop None = the end).
+    start, stop: the record range (stop None = the end); a stream starts at 0.
     num_workers: Grain worker processes for decoding (0 = in this process).
     limits: what the decoder refuses (see navit_clip.data.decode).
     skipped: unusable records are appended here (and never packed).
@@ -64,7 +85,7 @@ def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
                             dropper=TokenDropper(kind="none"), seed=0,
                             label_field=label_field, num_classes=spec.num_classes or 0,
                             limits=limits)
-  ds = grain.MapDataset.source(source)[start:stop].map_with_index(preprocess).to_iter_dataset()
+  ds = _preprocessed(source, preprocess, start, stop)
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   elements = iter(ds)

@@ -1,0 +1,82 @@
+"""NaN in the loss and gradients: never applied; the run stops or skips the step."""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from navit_clip import sharding
+from navit_clip.model import TwoTower
+from navit_clip.nonfinite import keep_if_finite
+from navit_clip.train import train
+
+BAD_STEP = 3
+
+
+@pytest.fixture
+def poison_step(monkeypatch):
+  """Makes step BAD_STEP's loss and gradients NaN (test-only model and feed changes).
+
+  The feed empties that step's batch (no image slot in use) and the model's loss turns
+  NaN on a batch without images.
+  """
+  calls = {"n": 0}
+  global_batch, loss = sharding.global_batch, TwoTower.loss
+
+  def feed(host_batch, mesh, rows):
+    calls["n"] += 1
+    if calls["n"] == BAD_STEP:
+      host_batch = dict(host_batch, image_mask=np.zeros_like(host_batch["image_mask"]))
+    return global_batch(host_batch, mesh, rows)
+
+  def nan_without_images(self, batch, name):
+    value, aux = loss(self, batch, name)
+    return value * jnp.where(jnp.any(batch["image_mask"]), 1.0, jnp.nan), aux
+
+  monkeypatch.setattr(sharding, "global_batch", feed)
+  monkeypatch.setattr(TwoTower, "loss", nan_without_images)
+
+
+def test_keep_if_finite_selects_the_old_state():
+  new, old = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
+  kept, flag = keep_if_finite(jnp.float32(1.0), jnp.float32(2.0), new, old)
+  assert float(flag) == 0.0 and np.all(kept["w"] == 1.0)
+  for loss, norm in ((jnp.nan, 1.0), (1.0, jnp.inf)):
+    kept, flag = keep_if_finite(jnp.float32(loss), jnp.float32(norm), new, old)
+    assert float(flag) == 1.0 and np.all(kept["w"] == 0.0)
+
+
+def test_stop_mode_raises_naming_the_step_and_the_last_good_checkpoint(
+    tiny_config, tmp_path, poison_step):
+  config = tiny_config(steps=8)
+  config.train.checkpoint_every = 2
+  last_good = re.escape(f"Last good checkpoint: step 2 in {tmp_path}/checkpoints")
+  with pytest.raises(FloatingPointError, match=f"at step 3 .*{last_good}"):
+    train(config, str(tmp_path))
+  # The check runs before each save: nothing after the bad step was written.
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+def test_skip_mode_leaves_params_and_optimizer_state_unchanged(tiny_config, tmp_path,
+                                                                poison_step):
+  config = tiny_config(steps=5)
+  config.train.nonfinite = "skip"
+  config.train.checkpoint_every = 1
+  config.train.keep_checkpoints = 10
+  result = train(config, str(tmp_path))
+  assert result.final_step == 5
+  assert np.isnan(result.losses[BAD_STEP - 1])
+  assert np.all(np.isfinite(np.delete(result.losses, BAD_STEP - 1)))
+  before, after, later = (ocp.StandardCheckpointer().restore(
+      tmp_path / "checkpoints" / str(s) / "state") for s in (BAD_STEP - 1, BAD_STEP, BAD_STEP + 1))
+  assert int(after["step"]) == BAD_STEP  # the batch was consumed
+  for name in ("params", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
+  assert not np.array_equal(later["params"]["text"]["proj"]["kernel"],
+                            after["params"]["text"]["proj"]["kernel"])
+  records = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert '"nonfinite_steps": 1.0' in records[-1]
