@@ -55,6 +55,12 @@ def _multiplier(name: str, rules: list[tuple[str, float]]) -> float:
   return first_match(name, rules, 1.0)
 
 
+def frozen_mask(c: ml_collections.ConfigDict, params: Any) -> Any:
+  """Pytree of bools like `params`: True where config.optim.lr_mults freezes the parameter."""
+  rules = parse_lr_mults(c.lr_mults)
+  return jax.tree.map(lambda n: _multiplier(n, rules) == 0, flatten_names(params))
+
+
 def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Learning rate per optimizer update, from `c` = config.optim.
 

@@ -30,7 +30,7 @@ from navit_clip.evaluate.runner import run_evals, scalar_metrics
 from navit_clip.losses import chunked_name
 from navit_clip.metrics import MetricsLogger
 from navit_clip.model import build_model
-from navit_clip.optim import make_optimizer, make_schedule
+from navit_clip.optim import frozen_mask, make_optimizer, make_schedule
 from navit_clip.preemption import PreemptionGuard
 from navit_clip.data import pipeline
 
@@ -65,17 +65,20 @@ def _device_fields(batch: Mapping) -> dict:
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, loss_name: str,
-                    accum_steps: int) -> Callable:
+                    schedule: optax.Schedule, loss_name: str, accum_steps: int,
+                    frozen) -> Callable:
   """The pure train step (state, batch) -> (state, metrics); state is a dict pytree.
 
   state = {"params": pure dict of float32 params, "opt_state": optax state, "step": int32}.
+  `frozen` (bools like params) marks parameters that never train: the loss sees them
+  through stop_gradient, so no backward pass is spent on them (LiT's locked image tower).
   A step with a non-finite loss or gradient leaves params and opt_state as they were and
   reports metrics["nonfinite"] = 1 (navit_clip.nonfinite).
   """
 
   def train_step(state, batch):
     def loss_fn(params):
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
       model = nnx.merge(graphdef, params, rest)
       return model.loss(batch, loss_name)
 
@@ -150,7 +153,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   # Compile once for the batch spec and the shardings.
   loss_name = chunked_name(config.loss.name) if config.loss.chunked else config.loss.name
   step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule, loss_name,
-                                    config.optim.grad_accum_steps),
+                                    config.optim.grad_accum_steps,
+                                    frozen_mask(config.optim, params)),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     donate_argnums=0)

@@ -197,12 +197,12 @@ def _child_init(config, mesh):
 
 def _child_train(config, mesh, loss_name):
   """Two train steps on `mesh`: (losses, final state)."""
-  from navit_clip.optim import make_schedule
+  from navit_clip.optim import frozen_mask, make_schedule
   from navit_clip.train import make_train_step
 
   (graphdef, rest, tx), state, shardings = _child_init(config, mesh)
   step = jax.jit(make_train_step(graphdef, rest, tx, make_schedule(config.optim, 10),
-                                 loss_name, 1),
+                                 loss_name, 1, frozen_mask(config.optim, state["params"])),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)))
   with jax.set_mesh(mesh):
