@@ -190,9 +190,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         monitor.check()  # a state from after a non-finite step is never saved in "stop" mode
         ckpt.save(step, state, data_iter)
       if config.evals and jax.process_count() == 1:
+        t_eval = time.perf_counter()
         evals = run_evals(nnx.merge(graphdef, state["params"], rest), config, step, workdir)
         if evals:
           logger.log(step, scalar_metrics(evals), prefix="eval")
+        t_window += time.perf_counter() - t_eval  # evaluation time is not training time
       if step % tc.log_every == 0 or step == total_steps:
         monitor.check()
         host = jax.device_get(metrics)
