@@ -24,7 +24,7 @@ import time
 from navit_clip import train as train_lib
 from navit_clip.checkpoint import Checkpointer
 from navit_clip.config_loading import apply_overrides, load_config
-from navit_clip.data.demo_source import caption_corpus
+from navit_clip.data.sources.demo import caption_corpus
 from navit_clip.text.tokenizer import train_tokenizer
 
 EVERY = 2

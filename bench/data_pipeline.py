@@ -35,7 +35,7 @@ from PIL import Image
 from navit_clip.config_loading import load_config
 from navit_clip.data import pipeline
 from navit_clip.data.decode import open_image
-from navit_clip.data.demo_source import caption_corpus
+from navit_clip.data.sources.demo import caption_corpus
 from navit_clip.data.patchify import resize
 from navit_clip.data.resolution import ResolutionSampler
 from navit_clip.data.sources.example_proto import encode_example

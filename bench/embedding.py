@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from navit_clip.config import default_config
-from navit_clip.data.demo_source import DemoSource
+from navit_clip.data.sources.demo import DemoSource
 from navit_clip.evaluate.embed import Embedder
 from navit_clip.evaluate.inputs import inference_batches
 from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec

@@ -14,7 +14,7 @@ import os
 import tempfile
 
 from navit_clip.config_loading import apply_overrides, load_config
-from navit_clip.data.demo_source import caption_corpus
+from navit_clip.data.sources.demo import caption_corpus
 from navit_clip.flops import measure_matmul_peak
 from navit_clip.text.tokenizer import train_tokenizer
 from navit_clip.train import train

@@ -10,7 +10,7 @@ from navit_clip.configs import demo
 def get_config(arg: str = ""):
   c = demo.get_config(arg)
   c.task = "classification"
-  c.model.num_classes = 40  # navit_clip.data.demo_source.NUM_CLASSES
+  c.model.num_classes = 40  # navit_clip.data.sources.demo.NUM_CLASSES
   c.loss.name = "softmax_xent"
   c.data.label_field = "label"
   c.optim.lr = 3e-3

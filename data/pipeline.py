@@ -30,7 +30,7 @@ import ml_collections
 from navit_clip.data.batch import BatchSpec
 from navit_clip.data.counters import SkipCountingDataset
 from navit_clip.data.decode import DecodeLimits
-from navit_clip.data.demo_source import DemoSource
+from navit_clip.data.sources.demo import DemoSource
 from navit_clip.data.pack_dataset import PackedBatchDataset
 from navit_clip.data.preprocess import Preprocessor
 from navit_clip.data.resolution import ResolutionSampler

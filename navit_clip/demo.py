@@ -15,7 +15,7 @@ import time
 import ml_collections
 
 from navit_clip.config_loading import apply_overrides, load_config
-from navit_clip.data import demo_source
+from navit_clip.data.sources import demo as demo_data
 from navit_clip.evaluate.runner import run_all
 from navit_clip.text.tokenizer import train_tokenizer
 from navit_clip.train import train
@@ -29,7 +29,7 @@ def demo_config(workdir: str, overrides: list[str] = ()) -> ml_collections.Confi
   apply_overrides(config, list(overrides))
   path = os.path.join(workdir, "tokenizer.model")
   if not os.path.exists(path):
-    train_tokenizer(demo_source.caption_corpus(TOKENIZER_CORPUS, config.data.source_seed),
+    train_tokenizer(demo_data.caption_corpus(TOKENIZER_CORPUS, config.data.source_seed),
                     config.model.text.vocab_size, path,
                     lowercase=config.data.tokenizer.lowercase)
   config.data.tokenizer.path = path

@@ -3,7 +3,7 @@
 import pytest
 
 from navit_clip.config_loading import load_config
-from navit_clip.data.demo_source import caption_corpus
+from navit_clip.data.sources.demo import caption_corpus
 from navit_clip.text.tokenizer import train_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo dataset (navit_clip.data.demo_source)."""
+"""Tests for the synthetic demo dataset (navit_clip.data.sources.demo)."""
 
 import pickle
 import re
@@ -7,7 +7,7 @@ import grain
 import numpy as np
 import pytest
 
-from navit_clip.data import demo_source as ds
+from navit_clip.data.sources import demo as ds
 
 N = 240  # records per split in these tests: enough for every class, fast on one core
 

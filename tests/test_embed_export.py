@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from navit_clip.data.demo_source import DemoSource
+from navit_clip.data.sources.demo import DemoSource
 from navit_clip.evaluate.embed import Embedder, embed_packed
 from navit_clip.evaluate.inputs import inference_batches
 from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec

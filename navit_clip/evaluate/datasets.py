@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-from navit_clip.data.demo_source import DemoSource, zero_shot_tasks
+from navit_clip.data.sources.demo import DemoSource, zero_shot_tasks
 from navit_clip.data.pipeline import example_keys, make_stream
 from navit_clip.data.sources.arrayrecord import ArrayRecordSource
 from navit_clip.data.sources.folder import ClassFolderSource
