@@ -58,10 +58,10 @@ class TFRecordReader:
     if offset >= END:
       return
     try:
-      for data, offset in read_tfrecords(path, offset):
+      for data, next_offset in read_tfrecords(path, offset):
         if data is None:
-          yield skip_marker("truncated_file", -1), offset
+          yield skip_marker("truncated_file", -1), next_offset
           return
-        yield example_to_record(data, self.keys), offset
+        yield example_to_record(data, self.keys), next_offset
     except OSError:
       yield skip_marker("unreadable_file", -1), END
