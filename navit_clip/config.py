@@ -12,18 +12,19 @@ import re
 
 import ml_collections
 
+from navit_clip import posemb
 from navit_clip.attention import CHOICES as ATTENTION_CHOICES
+from navit_clip.data import pack, pack_dataset, resolution, token_drop
 from navit_clip.losses import CONTRASTIVE_LOSSES, LOSSES
 from navit_clip.nonfinite import MODES as NONFINITE_MODES
 from navit_clip.optim import OPTIMIZERS, SCHEDULES, parse_lr_mults
 from navit_clip.sharding import DEFAULT_RULES, parse_mesh, parse_rules
 from navit_clip.sizes import parse_variant
 
-POSEMB_KINDS = ("learned", "sincos", "fourier")
-POSEMB_COORDS = ("fractional", "absolute")
-RESOLUTION_KINDS = ("uniform_side", "truncnorm_side", "fixed_area", "patch_budget")
-TOKEN_DROP_KINDS = ("none", "constant", "beta", "resolution")
-PACKERS = ("first_fit", "best_fit", "window_best_fit", "grain_first_fit", "grain_best_fit")
+POSEMB_KINDS, POSEMB_COORDS = posemb.KINDS, posemb.COORDS
+RESOLUTION_KINDS = resolution.KINDS
+TOKEN_DROP_KINDS = token_drop.KINDS
+PACKERS = pack.ALGORITHMS + pack_dataset.GRAIN_PACKERS
 DTYPES = ("float32", "bfloat16")
 DISTRIBUTED_INIT = ("auto", "yes", "no")
 REMAT = ("none", "full", "dots")
