@@ -14,7 +14,7 @@ import ml_collections
 
 from navit_clip import posemb
 from navit_clip.attention import CHOICES as ATTENTION_CHOICES
-from navit_clip.data import pack, pack_dataset, resolution, token_drop
+from navit_clip.data import captions, pack, pack_dataset, resolution, token_drop
 from navit_clip.losses import CONTRASTIVE_LOSSES, LOSSES
 from navit_clip.nonfinite import MODES as NONFINITE_MODES
 from navit_clip.optim import OPTIMIZERS, SCHEDULES, parse_lr_mults
@@ -286,7 +286,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if d.source == "mixture" and not d.mixture:
     raise ValueError("config.data.source = 'mixture' needs config.data.mixture = "
                      "'kind:files=weight;...'")
-  choice("data.caption_repair", d.caption_repair, ("replace", "skip"))
+  choice("data.caption_repair", d.caption_repair, captions.REPAIR_POLICIES)
   choice("data.decode.mislabelled", d.decode.mislabelled, ("decode", "skip"))
   for key in ("num_epochs", "num_workers", "bad_check_min_records"):
     if d[key] < 0:

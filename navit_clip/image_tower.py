@@ -67,7 +67,7 @@ class ImageTower(nnx.Module):
     if dtype not in DTYPES:
       raise ValueError(f"unknown compute dtype {dtype!r}; choose one of {list(DTYPES)}")
     self.patch_size, self.channels, self.width = patch, channels, size.width
-    self.dtype, self.pool_kind = DTYPES[dtype], pool
+    self.dtype = DTYPES[dtype]
     self.embedding = dense(patch * patch * channels, size.width, use_bias=use_bias,
                            dtype=self.dtype, rngs=rngs)
     self.posemb = FactorizedPosEmb(size.width, kind=posemb, coords=posemb_coords,
