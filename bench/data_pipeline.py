@@ -37,9 +37,9 @@ from navit_clip.data import pipeline
 from navit_clip.data.decode import open_image
 from navit_clip.data.sources.demo import caption_corpus
 from navit_clip.data.patchify import resize
-from navit_clip.data.resolution import ResolutionSampler
-from navit_clip.data.sources.example_proto import encode_example
-from navit_clip.sizes import parse_variant
+from navit_clip.data.resolution_sampling import ResolutionSampler
+from navit_clip.data.sources.tf_example import encode_example
+from navit_clip.variants import parse_variant
 from navit_clip.text.tokenizer import train_tokenizer
 
 PATCH, SEQ_LEN, MAX_IMAGES, ROWS, TEXT_LEN = 16, 1024, 16, 8, 64

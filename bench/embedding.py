@@ -25,9 +25,9 @@ from flax import nnx
 
 from navit_clip.config import default_config
 from navit_clip.data.sources.demo import DemoSource
-from navit_clip.evaluate.embed import Embedder
-from navit_clip.evaluate.inputs import inference_batches
-from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec
+from navit_clip.evaluate.embedder import Embedder
+from navit_clip.evaluate.inference_batches import inference_batches
+from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
 from navit_clip.model import TwoTower
 
 

@@ -30,7 +30,7 @@ from flax import nnx
 
 from navit_clip.attention import attention
 from navit_clip.image_tower import ImageTower
-from navit_clip.sizes import parse_variant
+from navit_clip.variants import parse_variant
 
 
 def _time_pair(a, b, *, repeats: int) -> tuple[float, float]:

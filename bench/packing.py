@@ -20,7 +20,7 @@ from navit_clip.data.batch import BatchSpec
 from navit_clip.data.pack import ALGORITHMS, pack
 from navit_clip.data.pack_dataset import GRAIN_PACKERS, PackedBatchDataset
 from navit_clip.data.patchify import patchify, resize
-from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.resolution_sampling import ResolutionSampler
 
 PATCH = 16
 NUM_IMAGES = 50_000

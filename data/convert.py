@@ -7,7 +7,7 @@ conversion resumes by skipping the shards that exist. Records keep their encoded
 bytes (decoded arrays, as from the demo source, are stored as PNG), their captions, example
 id, declared format and numeric fields; skip markers are counted, not written.
 
-Output records use the default feature keys (navit_clip.data.sources.example_record), so
+Output records use the default feature keys (navit_clip.data.sources.tf_example), so
 config.data.source = "arrayrecord" with train_files = "OUT/*.array_record" reads them.
 """
 
@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from navit_clip.data.counters import SKIP_KEY
-from navit_clip.data.sources.example_proto import encode_example
-from navit_clip.data.sources.units import Unit, work_units
+from navit_clip.data.sources.tf_example import encode_example
+from navit_clip.data.work_units import Unit, work_units
 
 _RESERVED = ("image", "caption", "example_id", "image_format")
 

@@ -22,7 +22,7 @@ from navit_clip.data.captions import CaptionError, choose_caption
 from navit_clip.data.counters import SKIP_KEY
 from navit_clip.data.decode import DecodeError, DecodeLimits
 from navit_clip.data.decode import open_image
-from navit_clip.data.sources.units import Unit, work_units
+from navit_clip.data.work_units import Unit, work_units
 
 SIDE_EDGES = (64, 128, 224, 384, 512, 768, 1024, 2048)  # px, sqrt(h * w)
 ASPECT_EDGES = (1 / 4, 1 / 2, 3 / 4, 4 / 3, 2, 4)  # w / h

@@ -33,9 +33,9 @@ from navit_clip.data.decode import DecodeLimits
 from navit_clip.data.sources.demo import DemoSource
 from navit_clip.data.pack_dataset import PackedBatchDataset
 from navit_clip.data.preprocess import Preprocessor
-from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.data.sources.arrayrecord import ArrayRecordSource
-from navit_clip.data.sources.example_record import ExampleKeys
+from navit_clip.data.sources.tf_example import ExampleKeys
 from navit_clip.data.sources.folder import CaptionFolderSource, ClassFolderSource
 from navit_clip.data.sources.mixture import parse_mixture
 from navit_clip.data.sources.paths import expand_paths
@@ -44,7 +44,7 @@ from navit_clip.data.sources.stream import (ID_MIXTURE_SHIFT, FileStream, MixedS
 from navit_clip.data.sources.tfrecord import TFRecordReader
 from navit_clip.data.sources.webdataset import TarReader
 from navit_clip.data.token_drop import TokenDropper
-from navit_clip.sizes import parse_variant
+from navit_clip.variants import parse_variant
 from navit_clip.text.tokenizer import Tokenizer
 
 RANDOM_ACCESS = ("demo", "arrayrecord", "folder", "class_folders")

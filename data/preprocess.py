@@ -26,7 +26,7 @@ from navit_clip.data.captions import CaptionError, choose_caption
 from navit_clip.data.counters import NOTES_KEY, is_skip, skip_marker
 from navit_clip.data.decode import DecodeError, DecodeLimits, open_image
 from navit_clip.data.patchify import patchify, resize
-from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.data.token_drop import TokenDropper, drop_tokens
 from navit_clip.text.tokenizer import Tokenizer
 

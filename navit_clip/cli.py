@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from navit_clip import infer_commands
+from navit_clip import commands
 
 _EPILOG = """\
 Configs are Python files with get_config(arg) (see configs/); name one by file path or by
@@ -64,19 +64,19 @@ def _parser() -> argparse.ArgumentParser:
       "evaluators of its config.evals, plus any added here; prints the results as JSON and "
       "writes them to WORKDIR/eval_step<N>.json (sweeps also write a table and a PNG).",
       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-  infer_commands.add_eval_args(ev)
+  commands.add_eval_args(ev)
   emb = sub.add_parser(
       "embed", help="write image or text embeddings of a trained workdir",
       description="Embeds images (packed several per row) or texts, in input order, into "
       "OUT.npy + OUT.jsonl (or OUT.parquet); unusable images are listed in "
       "OUT.skipped.jsonl. Resumable: an interrupted run continues where it stopped.")
-  infer_commands.add_embed_args(emb)
+  commands.add_embed_args(emb)
   ex = sub.add_parser(
       "export", help="export the encoders: StableHLO (jax.export), TF SavedModel",
       description="Writes the image and text encoders of a trained workdir as serialised "
       "StableHLO and, with --tf, a TensorFlow SavedModel; both take packed batches of the "
       "shape given by --resolution / --batch-size / --seq-len / --max-images.")
-  infer_commands.add_export_args(ex)
+  commands.add_export_args(ex)
 
   tok = sub.add_parser("tokenizer", help="SentencePiece tokenizer tools")
   tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     apply_overrides(config, overrides)
     train(config, args.workdir)
   elif args.command == "eval":
-    infer_commands.run_eval(args, overrides)
+    commands.run_eval(args, overrides)
   elif args.command == "embed":
-    infer_commands.run_embed(args)
+    commands.run_embed(args)
   elif args.command == "export":
-    infer_commands.run_export(args)
+    commands.run_export(args)
   elif args.command == "tokenizer":
     from navit_clip.text.tokenizer import train_from_file
     train_from_file(args.input, args.vocab_size, args.out, lowercase=args.lowercase)

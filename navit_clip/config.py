@@ -14,15 +14,15 @@ import ml_collections
 
 from navit_clip import posemb
 from navit_clip.attention import CHOICES as ATTENTION_CHOICES
-from navit_clip.data import captions, pack, pack_dataset, resolution, token_drop
+from navit_clip.data import captions, pack, pack_dataset, resolution_sampling, token_drop
 from navit_clip.losses import CONTRASTIVE_LOSSES, LOSSES
 from navit_clip.nonfinite import MODES as NONFINITE_MODES
 from navit_clip.optim import OPTIMIZERS, SCHEDULES, parse_lr_mults
 from navit_clip.sharding import DEFAULT_RULES, parse_mesh, parse_rules
-from navit_clip.sizes import parse_variant
+from navit_clip.variants import parse_variant
 
 POSEMB_KINDS, POSEMB_COORDS = posemb.KINDS, posemb.COORDS
-RESOLUTION_KINDS = resolution.KINDS
+RESOLUTION_KINDS = resolution_sampling.KINDS
 TOKEN_DROP_KINDS = token_drop.KINDS
 PACKERS = pack.ALGORITHMS + pack_dataset.GRAIN_PACKERS
 DTYPES = ("float32", "bfloat16")
@@ -68,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Image tower (NaViT).
   c.model = ml_collections.ConfigDict()
   img = c.model.image = ml_collections.ConfigDict()
-  img.variant = "S/16"  # size/patch, see navit_clip.sizes
+  img.variant = "S/16"  # size/patch, see navit_clip.variants
   img.channels = 3
   img.posemb = "learned"  # factorized phi_y + phi_x: learned | sincos | fourier
   img.posemb_coords = "fractional"  # fractional (p / grid side) | absolute (patch index)
@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Text tower; its tokenizer is data.tokenizer (Tokenizer.check_config checks the pair).
   txt = c.model.text = ml_collections.ConfigDict()
-  txt.variant = "S"  # size only, see navit_clip.sizes
+  txt.variant = "S"  # size only, see navit_clip.variants
   txt.vocab_size = 32_000  # embedding rows: >= the tokenizer's vocabulary size
   txt.max_len = 64  # T tokens per caption, EOS included
   txt.eos_id = 1  # the tokenizer's EOS id (1 for T5, mT5, Gemma and trained tokenizers)
@@ -357,7 +357,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 def _validate_eval(name: str, e: ml_collections.ConfigDict, choice) -> None:
   """Checks one entry of config.evals."""
-  from navit_clip.evaluate.policy import ResolutionPolicy  # evaluation code, loaded on use
+  from navit_clip.evaluate.inference_resolution import ResolutionPolicy  # evaluation code, loaded on use
 
   key = f"evals.{name}"
   choice(f"{key}.kind", e.kind, EVAL_KINDS)

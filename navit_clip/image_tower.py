@@ -21,7 +21,7 @@ from navit_clip.attention import resolve_backend
 from navit_clip.layers import Encoder, MAPHead, dense
 from navit_clip.posemb import FactorizedPosEmb
 from navit_clip.sharding import constrain_batch
-from navit_clip.sizes import parse_variant
+from navit_clip.variants import parse_variant
 
 POOLS = ("map", "mean")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

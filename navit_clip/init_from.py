@@ -4,7 +4,7 @@ config.init names a checkpoint and which of its parameters to copy:
   checkpoint  a training workdir, its "checkpoints" directory, or one step's directory
   step        the step to read (-1: the latest complete one; ignored for a step directory)
   params      "src->dst;src->dst": every parameter named dst/... in this model is read from
-              src/... in the checkpoint ("/"-joined names, see navit_clip.param_names.flatten_names);
+              src/... in the checkpoint ("/"-joined names, see navit_clip.param_rules.flatten_names);
               a bare "image" means "image->image". "" or "src" may name the whole tree.
 Only the parameters are read (a partial restore; no optimizer state), straight onto this
 run's shardings. Every copied parameter must exist on both sides with the same shape;
@@ -25,7 +25,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from navit_clip.checkpoint import Checkpointer, restore_params
-from navit_clip.param_names import flatten_names
+from navit_clip.param_rules import flatten_names
 
 
 def parse_mapping(spec: str) -> list[tuple[str, str]]:

@@ -1,7 +1,7 @@
 """The optimizer: an optax chain built from `config.optim`, with regex rules on parameter names.
 
 Parameters are named by their path in the parameter pytree, joined with "/", e.g.
-"image/encoder/blocks/0/attn/query/kernel" (see navit_clip.param_names). Regular expressions over
+"image/encoder/blocks/0/attn/query/kernel" (see navit_clip.param_rules). Regular expressions over
 these names, matched against the whole name (`re.fullmatch`), choose:
   - weight decay: `wd_regex` (default: every "kernel");
   - learning-rate multipliers: `lr_mults`, "regex=mult;regex=mult", the first rule that
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from navit_clip.param_names import first_match, flatten_names, split_rules
+from navit_clip.param_rules import first_match, flatten_names, split_rules
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")

@@ -8,7 +8,7 @@ The batch is split over ("data", "fsdp"): every device holds B / (data * fsdp) r
 Every leaf of the train state (parameters and optimizer state alike) is partitioned by name
 and shape, in two passes:
   1. tensor parallelism: the first regex rule whose pattern fully matches the leaf's
-     "/"-joined name (see navit_clip.param_names.flatten_names; e.g.
+     "/"-joined name (see navit_clip.param_rules.flatten_names; e.g.
      "params/image/encoder/blocks/0/mlp/fc1/kernel") gives the mesh axes of its trailing
      dimensions. A rule with more dimensions than the leaf does not apply (factored
      optimizer statistics), leading dimensions the rule does not name (the depth axis of
@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from navit_clip.param_names import flatten_names, split_rules
+from navit_clip.param_rules import flatten_names, split_rules
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from navit_clip.data.sources.example_proto import encode_example
+from navit_clip.data.sources.tf_example import encode_example
 from navit_clip.data.sources.tfrecord import write_tfrecords
 
 _COLORS = ("red", "green", "blue", "yellow", "purple")  # words the demo tokenizer knows

@@ -8,7 +8,7 @@ from flax import nnx
 from navit_clip.data.batch import BatchSpec, validate_batch
 from navit_clip.data.pack import pack
 from navit_clip.data.patchify import patchify, resize
-from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.image_tower import ImageTower
 
 PATCH, SEQ_LEN, MAX_IMAGES = 4, 32, 6

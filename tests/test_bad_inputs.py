@@ -14,7 +14,7 @@ from PIL import Image
 from data_fixtures import encode, image_array, jpeg, write_tar
 from navit_clip.data import pipeline
 from navit_clip.data.counters import BadSourceError, data_counters
-from navit_clip.data.sources.example_proto import encode_example
+from navit_clip.data.sources.tf_example import encode_example
 from navit_clip.data.sources.tfrecord import write_tfrecords
 
 

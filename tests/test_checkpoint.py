@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from navit_clip.checkpoint import Checkpointer, restore_params
-from navit_clip.param_names import flatten_names
+from navit_clip.param_rules import flatten_names
 from navit_clip.train import train
 
 STEPS, RESUME_AT = 6, 4

@@ -11,9 +11,9 @@ from navit_clip.config import DATA_SOURCES, validate
 from navit_clip.data import pipeline
 from navit_clip.data.convert import convert
 from navit_clip.data.counters import data_counters
-from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.data.sources.stream import ID_MIXTURE_SHIFT
-from navit_clip.evaluate.inputs import inference_batches
+from navit_clip.evaluate.inference_batches import inference_batches
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,11 @@ from flax import nnx
 from PIL import Image
 
 from navit_clip.data.sources.demo import DemoSource
-from navit_clip.evaluate.embed import Embedder, embed_packed
-from navit_clip.evaluate.inputs import inference_batches
-from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec
-from navit_clip.export_embeddings import export_image_embeddings, run_chunks
-from navit_clip.export_model import IMAGE_INPUTS, export_model, load_jax_export
+from navit_clip.evaluate.embedder import Embedder, embed_packed
+from navit_clip.evaluate.inference_batches import inference_batches
+from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
+from navit_clip.embedding_writer import export_image_embeddings, run_chunks
+from navit_clip.serving_export import IMAGE_INPUTS, export_model, load_jax_export
 from navit_clip.model import build_model
 
 

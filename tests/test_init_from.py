@@ -11,7 +11,7 @@ from conftest import tiny_demo_config
 from navit_clip import init_from
 from navit_clip.checkpoint import restore_params
 from navit_clip.model import build_model
-from navit_clip.param_names import flatten_names
+from navit_clip.param_rules import flatten_names
 from navit_clip.train import train
 
 SOURCE_STEPS = 3

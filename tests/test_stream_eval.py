@@ -7,15 +7,15 @@ import pytest
 
 from data_fixtures import encode, image_array, jpeg, webdataset_shards
 from navit_clip.config import eval_config
-from navit_clip.data.sources.example_proto import encode_example
+from navit_clip.data.sources.tf_example import encode_example
 from navit_clip.data.sources.tfrecord import write_tfrecords
 from navit_clip.evaluate.datasets import load_eval_data
-from navit_clip.evaluate.embed import Embedder
-from navit_clip.evaluate.inputs import Skipped, inference_batches
-from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec
+from navit_clip.evaluate.embedder import Embedder
+from navit_clip.evaluate.inference_batches import Skipped, inference_batches
+from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
 from navit_clip.evaluate.restore import restore_model
 from navit_clip.evaluate.runner import run_all
-from navit_clip.export_embeddings import export_image_embeddings
+from navit_clip.embedding_writer import export_image_embeddings
 
 COLORS = ("blue", "green", "purple", "red", "yellow")  # sorted: class folders agree
 RGB = {"blue": (30, 40, 220), "green": (30, 200, 40), "purple": (140, 30, 160),

@@ -7,7 +7,7 @@ import pytest
 
 from navit_clip.config import eval_config, validate
 from navit_clip.evaluate import prompts, zeroshot
-from navit_clip.evaluate.embed import Embedder
+from navit_clip.evaluate.embedder import Embedder
 from navit_clip.evaluate.restore import restore_model
 from navit_clip.evaluate.runner import run_all, run_evals, scalar_metrics
 from navit_clip.data.pipeline import make_tokenizer

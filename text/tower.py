@@ -20,7 +20,7 @@ from flax import nnx
 from navit_clip.config import TEXT_POOLS
 from navit_clip.layers import Encoder, MAPHead, dense
 from navit_clip.sharding import constrain_batch
-from navit_clip.sizes import parse_variant
+from navit_clip.variants import parse_variant
 
 
 def caption_segments(tokens: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:

@@ -12,7 +12,7 @@ from typing import Any
 import grain
 
 from navit_clip.data.counters import SKIP_KEY, skip_marker
-from navit_clip.data.sources.example_record import ExampleKeys, example_to_record
+from navit_clip.data.sources.tf_example import ExampleKeys, example_to_record
 
 
 class ArrayRecordSource:

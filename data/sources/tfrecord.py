@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterator
 
 from navit_clip.data.counters import skip_marker
-from navit_clip.data.sources.example_record import ExampleKeys, example_to_record
+from navit_clip.data.sources.tf_example import ExampleKeys, example_to_record
 
 _HEADER = 12  # uint64 length + uint32 CRC
 _FOOTER = 4  # uint32 CRC
@@ -50,7 +50,7 @@ def write_tfrecords(path: str, records) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TFRecordReader:
-  """Reader of FileStream: TFRecord Examples -> records (see example_record)."""
+  """Reader of FileStream: TFRecord Examples -> records (see tf_example)."""
 
   keys: ExampleKeys = ExampleKeys()
 

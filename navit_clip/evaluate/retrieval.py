@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-from navit_clip.evaluate.embed import Embedder, as_embedder, embed_packed
+from navit_clip.evaluate.embedder import Embedder, as_embedder, embed_packed
 from navit_clip.text.tokenizer import Tokenizer
 
 KS = (1, 5, 10)

@@ -18,11 +18,11 @@ import ml_collections
 from flax import nnx
 
 from navit_clip.data.pipeline import decode_limits, make_tokenizer
-from navit_clip.evaluate import prompts, resolutions, retrieval, zeroshot
+from navit_clip.evaluate import prompts, resolution_sweep, retrieval, zeroshot
 from navit_clip.evaluate.datasets import EvalData, load_eval_data
-from navit_clip.evaluate.embed import Embedder, as_embedder
-from navit_clip.evaluate.inputs import Skipped, inference_batches
-from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec
+from navit_clip.evaluate.embedder import Embedder, as_embedder
+from navit_clip.evaluate.inference_batches import Skipped, inference_batches
+from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
 
 
 def is_due(e: ml_collections.ConfigDict, step: int) -> bool:
@@ -100,10 +100,10 @@ def run_evaluator(name: str, e: ml_collections.ConfigDict, embedder: Embedder,
     for budget in budgets:
       policy = ResolutionPolicy("budget", budget)
       batches = labelled_batches(config, e, data, policy, len(classnames), skipped)
-      rows.append(resolutions.measure(embedder, batches, classifier, budget))
+      rows.append(resolution_sweep.measure(embedder, batches, classifier, budget))
     out = {"rows": rows}
     if workdir is not None:
-      out["files"] = resolutions.write_report(rows, workdir, name)
+      out["files"] = resolution_sweep.write_report(rows, workdir, name)
   else:
     raise ValueError(f"config.evals.{name}.kind = {e.kind!r}; expected zeroshot, retrieval "
                      "or resolutions")

@@ -2,9 +2,9 @@
 
 import pytest
 
-from navit_clip.data.sources.example_proto import (ExampleParseError, encode_example,
+from navit_clip.data.sources.tf_example import (ExampleParseError, encode_example,
                                                    parse_example)
-from navit_clip.data.sources.example_record import ExampleKeys, example_to_record
+from navit_clip.data.sources.tf_example import ExampleKeys, example_to_record
 
 
 def test_round_trip():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from navit_clip.config import default_config
-from navit_clip.data.resolution import (ResolutionSampler, fit_patch_budget, fit_to_length,
+from navit_clip.data.resolution_sampling import (ResolutionSampler, fit_patch_budget, fit_to_length,
                                         size_for_side, truncnorm_side, uniform_side)
 
 P = 16

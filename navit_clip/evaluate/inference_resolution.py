@@ -18,7 +18,7 @@ import ml_collections
 
 from navit_clip.data.batch import BatchSpec
 from navit_clip.data.pipeline import batch_spec
-from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.resolution_sampling import ResolutionSampler
 
 KINDS = ("budget", "side", "native")
 

@@ -27,10 +27,10 @@ import ml_collections
 import numpy as np
 
 from navit_clip.data.pipeline import decode_limits
-from navit_clip.evaluate.embed import Embedder, embed_packed
+from navit_clip.evaluate.embedder import Embedder, embed_packed
 from navit_clip.evaluate.files import ImageFiles
-from navit_clip.evaluate.inputs import Skipped, inference_batches
-from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec
+from navit_clip.evaluate.inference_batches import Skipped, inference_batches
+from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
 from navit_clip.text.tokenizer import Tokenizer
 
 DTYPES = ("float32", "float16")

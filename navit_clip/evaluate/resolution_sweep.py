@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from navit_clip.evaluate import zeroshot
-from navit_clip.evaluate.embed import Embedder, embed_packed
+from navit_clip.evaluate.embedder import Embedder, embed_packed
 
 
 def measure(embedder: Embedder, batches: Iterable[Mapping[str, np.ndarray]],

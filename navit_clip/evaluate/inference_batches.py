@@ -25,7 +25,7 @@ from navit_clip.data.counters import NOTES_KEY, SKIP_KEY, is_skip
 from navit_clip.data.decode import DecodeLimits
 from navit_clip.data.pack import Packer
 from navit_clip.data.preprocess import Preprocessor
-from navit_clip.data.resolution import ResolutionSampler
+from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.data.sources.stream import WorkerStride
 from navit_clip.data.token_drop import TokenDropper
 

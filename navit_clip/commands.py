@@ -127,11 +127,11 @@ def _image_source(spec: str, config):
 
 
 def run_embed(args: argparse.Namespace) -> dict:
-  """Writes image or text embeddings of the restored model (see navit_clip.export_embeddings)."""
-  from navit_clip import export_embeddings
+  """Writes image or text embeddings of the restored model (see navit_clip.embedding_writer)."""
+  from navit_clip import embedding_writer
   from navit_clip.data.pipeline import make_tokenizer
-  from navit_clip.evaluate.embed import Embedder
-  from navit_clip.evaluate.policy import ResolutionPolicy
+  from navit_clip.evaluate.embedder import Embedder
+  from navit_clip.evaluate.inference_resolution import ResolutionPolicy
   from navit_clip.evaluate.restore import restore_model
 
   restored = restore_model(args.workdir, args.step)
@@ -140,11 +140,11 @@ def run_embed(args: argparse.Namespace) -> dict:
     if not hasattr(restored.model, "embed_texts"):
       raise SystemExit(f"--texts needs a contrastive model; {args.workdir} trained a "
                        f"{restored.config.task} model")
-    summary = export_embeddings.export_text_embeddings(
-        embedder, make_tokenizer(restored.config), export_embeddings.read_texts(args.texts),
+    summary = embedding_writer.export_text_embeddings(
+        embedder, make_tokenizer(restored.config), embedding_writer.read_texts(args.texts),
         args.out, dtype=args.dtype, chunk=args.chunk, progress=not args.no_progress)
   else:
-    summary = export_embeddings.export_image_embeddings(
+    summary = embedding_writer.export_image_embeddings(
         embedder, restored.config, _image_source(args.images, restored.config), args.out,
         policy=ResolutionPolicy.parse(args.resolution), dtype=args.dtype, chunk=args.chunk,
         batch_size=args.batch_size, seq_len=args.seq_len, max_images=args.max_images,
@@ -154,10 +154,10 @@ def run_embed(args: argparse.Namespace) -> dict:
 
 
 def run_export(args: argparse.Namespace) -> dict:
-  """Exports the restored model's encoders (see navit_clip.export_model)."""
-  from navit_clip.evaluate.policy import ResolutionPolicy, inference_spec
+  """Exports the restored model's encoders (see navit_clip.serving_export)."""
+  from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
   from navit_clip.evaluate.restore import restore_model
-  from navit_clip.export_model import export_model
+  from navit_clip.serving_export import export_model
 
   restored = restore_model(args.workdir, args.step)
   spec = inference_spec(restored.config, ResolutionPolicy.parse(args.resolution),
