@@ -13,12 +13,15 @@ venv:
 demo: venv
 	$(VENV)/bin/navit-clip demo $(ARGS)
 
+# Both check the import layers first (pyproject.toml [tool.importlinter]), then run pytest.
 test: EXTRAS = test,tf
 test: venv
+	$(PY) scripts/lint_imports.py --no-logo
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: EXTRAS = test,tf
 test-fast: venv
+	$(PY) scripts/lint_imports.py --no-logo
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 bench: EXTRAS = test,tf

@@ -35,15 +35,17 @@ def main() -> None:
 
   from navit_clip import losses, sharding
 
-  def peak_bytes(name: str, n: int, mesh) -> int:
+  def peak_bytes(name: str, chunked: bool, n: int, mesh) -> int:
     rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
     emb = jax.ShapeDtypeStruct((n // SLOTS_PER_ROW, SLOTS_PER_ROW, args.dim), jnp.float32,
                                sharding=rows)
     valid = jax.ShapeDtypeStruct(emb.shape[:2], jnp.bool_, sharding=rows)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
 
+    loss_fn = losses.contrastive_loss_fn(name, chunked=chunked)
+
     def loss(img, txt, valid, scale, bias):
-      return losses.contrastive_loss(name, img, txt, valid, scale, bias)[0]
+      return loss_fn(img, txt, valid, scale, bias)[0]
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4)))
     with jax.set_mesh(mesh):
@@ -57,9 +59,9 @@ def main() -> None:
         f"{'chunked MiB':>12} {'chunked/dense-8':>16}")
   for base in losses.CONTRASTIVE_LOSSES:
     for n in args.slots:
-      dense1 = peak_bytes(base, n, one)
-      dense8 = peak_bytes(base, n, eight)
-      chunked = peak_bytes(losses.chunked_name(base), n, eight)
+      dense1 = peak_bytes(base, False, n, one)
+      dense8 = peak_bytes(base, False, n, eight)
+      chunked = peak_bytes(base, True, n, eight)
       print(f"{base:>8} {n:>6} {dense1 / 2**20:>16.1f} {dense8 / 2**20:>16.1f} "
             f"{chunked / 2**20:>12.1f} {chunked / dense8:>16.3f}")
 

@@ -17,14 +17,13 @@ import numpy as np
 from PIL import Image
 
 from navit_clip.data.batch import BatchSpec
-from navit_clip.data.pack import ALGORITHMS, pack
+from navit_clip.data.pack import ALGORITHMS, DEFAULT_BINS, DEFAULT_WINDOW, pack
 from navit_clip.data.pack_dataset import GRAIN_PACKERS, PackedBatchDataset
 from navit_clip.data.patchify import patchify, resize
 from navit_clip.data.resolution_sampling import ResolutionSampler
 
 PATCH = 16
 NUM_IMAGES = 50_000
-WINDOW, BINS = 256, 64
 
 
 def native_sizes(n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -52,7 +51,8 @@ def length_only_examples(counts: list[int]) -> list[dict]:
 
 
 def padding_table() -> None:
-  print(f"padding on {NUM_IMAGES} images (window {WINDOW}, {BINS} open rows / Grain bins)")
+  print(f"padding on {NUM_IMAGES} images (the default window {DEFAULT_WINDOW}, "
+        f"{DEFAULT_BINS} open rows / Grain bins)")
   print(f"{'L':>5} {'M':>3} {'packer':<16} {'padding':>8} {'img/row':>8} {'s':>6}")
   for seq_len, max_images in ((256, 8), (1024, 16)):
     counts = token_counts(seq_len, NUM_IMAGES)
@@ -63,8 +63,7 @@ def padding_table() -> None:
       source = grain.MapDataset.source(examples).to_iter_dataset(
           grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
       start = time.perf_counter()
-      batches = list(PackedBatchDataset(source, spec, packer=packer, window=WINDOW,
-                                        bins=BINS))
+      batches = list(PackedBatchDataset(source, spec, packer=packer))
       seconds = time.perf_counter() - start
       rows = sum(int(b["image_mask"].any(1).sum()) for b in batches)
       padding = 1 - sum(counts) / (rows * seq_len)
@@ -90,7 +89,7 @@ def packer_throughput(num: int = 3000) -> None:
         f"{num} images, batches of {spec.batch_size} rows assembled")
   for packer in ALGORITHMS:
     start = time.perf_counter()
-    for _ in pack(examples, spec, packer, window=WINDOW, bins=BINS):
+    for _ in pack(examples, spec, packer):
       pass
     rate = num / (time.perf_counter() - start)
     print(f"  {packer:<16} {rate:>9,.0f} images/s")

@@ -1,0 +1,1 @@
+"""navit_clip.configs (folder configs/): recipes, one `get_config(arg)` per file."""

@@ -8,19 +8,36 @@ L patch tokens per row, at most M images per row, T text tokens per caption, K c
   positions    int32  [B, L, 2]      (row, col) of the patch in its image's patch grid
   grid_hw      int32  [B, L, 2]      (h, w) of that image's patch grid; (0, 0) on padding
   image_mask   bool   [B, M]         True where slot k (segment k+1) holds an image
-  example_id   int64  [B, M]         the source example's id; -1 in empty slots
+  example_id   int64  [B, M]         the source example's id; -1 in empty slots (host only)
   text_tokens  int32  [B, M, T]      one caption per slot (contrastive mode only)
   labels       int32  [B, M] (single-label) or float32 [B, M, K] (multi-hot), classification
 
 Everything downstream (attention mask, pooling, loss masking) derives from `segment_ids`
 and `image_mask`. Padding tokens and empty slots never touch the loss or the gradients.
+Host-only fields (HOST_ONLY_FIELDS) serve tracing and export and are never sent to devices
+(`device_fields`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Mapping
+from typing import TypeVar
 
 import numpy as np
+
+V = TypeVar("V")
+
+# Fields of a packed batch kept on the host: tracing and export read them, devices never do.
+HOST_ONLY_FIELDS = ("example_id",)
+
+
+def device_fields(batch: Mapping[str, V], *, drop: Collection[str] = ()) -> dict[str, V]:
+  """The fields of packed batch `batch` that go to devices: all but HOST_ONLY_FIELDS and `drop`.
+
+  Works on any mapping of field name -> value (NumPy or JAX arrays, jax.ShapeDtypeStructs).
+  """
+  return {k: v for k, v in batch.items() if k not in HOST_ONLY_FIELDS and k not in drop}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +91,3 @@ class BatchSpec:
     out = {k: np.zeros(s, d) for k, (s, d) in self.shapes().items()}
     out["example_id"][:] = -1
     return out
-
-
-def validate_batch(batch: dict, spec: BatchSpec) -> None:
-  """Raises ValueError naming the field if `batch` does not match `spec` exactly."""
-  want = spec.shapes()
-  missing = sorted(set(want) - set(batch))
-  if missing:
-    raise ValueError(f"packed batch is missing fields {missing}; expected {sorted(want)}")
-  for name, (shape, dtype) in want.items():
-    arr = batch[name]
-    if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
-      raise ValueError(
-          f"packed batch field {name!r} is {np.dtype(arr.dtype).name}{list(arr.shape)}, "
-          f"expected {dtype.name}{list(shape)}")

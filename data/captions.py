@@ -61,9 +61,7 @@ def choose_caption(value, rng: np.random.Generator, repair: str = "replace"
     CaptionError: "missing_caption" (None or no entries), "caption_not_utf8" (all
       entries invalid UTF-8 under "skip"), "empty_caption" (the rest).
   """
-  if value is None:
-    raise CaptionError("missing_caption")
-  items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+  items = _entries(value)
   if not items:
     raise CaptionError("missing_caption")
   cleaned = [_clean(v, repair) for v in items]
@@ -85,10 +83,28 @@ def usable_captions(value, repair: str = "replace") -> list[str]:
   Returns:
     The texts `choose_caption` chooses from; [] when there is none.
   """
+  return [text for text, _ in (_clean(v, repair) for v in _entries(value)) if text is not None]
+
+
+def usable_entries(value, repair: str = "replace") -> list:
+  """The entries of a record's "caption" field that give a usable caption, unchanged.
+
+  Args:
+    value: as in `usable_captions`.
+    repair: as in `choose_caption`.
+
+  Returns:
+    The str / bytes entries, not stripped or repaired, in order (what a converter keeps,
+    so that training applies these rules again and counts the repairs).
+  """
+  return [v for v in _entries(value) if _clean(v, repair)[0] is not None]
+
+
+def _entries(value) -> list:
+  """A "caption" field as a list of entries: [] for None, [value] for a single one."""
   if value is None:
     return []
-  items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
-  return [text for text, _ in (_clean(v, repair) for v in items) if text is not None]
+  return list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
 
 
 def _not_utf8(raw: bytes) -> bool:

@@ -3,9 +3,14 @@
 One output shard per unit of work (an input file of a streamed source, or about
 `records_per_shard` records of a random-access one), written by `workers` processes. Each
 shard is written to a temporary name and renamed when complete, so an interrupted
-conversion resumes by skipping the shards that exist. Records keep their encoded image
-bytes (decoded arrays, as from the demo source, are stored as PNG), their captions, example
-id, declared format and numeric fields; skip markers are counted, not written.
+conversion resumes by skipping the shards that exist; a shard that fails leaves no
+temporary file (nor does a killed one, after the next run). Records keep their encoded
+image bytes (decoded arrays, as from the demo source, are stored as PNG), their captions,
+example id, declared format and numeric fields; skip markers are counted, not written.
+Captions follow training's rules (navit_clip.data.captions): entries that are not text or
+are empty are dropped, and a record whose caption field has no usable entry is skipped
+and counted under the reason training would give ("empty_caption", ...), as is a record
+whose fields cannot be encoded ("unencodable_record").
 
 Output records use the default feature keys (navit_clip.data.sources.tf_example), so
 config.data.source = "arrayrecord" with train_files = "OUT/*.array_record" reads them.
@@ -14,8 +19,10 @@ config.data.source = "arrayrecord" with train_files = "OUT/*.array_record" reads
 from __future__ import annotations
 
 import collections
+import glob
 import io
 import json
+import logging
 import multiprocessing
 import os
 import sys
@@ -27,15 +34,39 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from navit_clip.data.captions import CaptionError, choose_caption, usable_entries
 from navit_clip.data.counters import SKIP_KEY
 from navit_clip.data.sources.tf_example import encode_example
 from navit_clip.data.work_units import Unit, work_units
 
+log = logging.getLogger(__name__)
+
 _RESERVED = ("image", "caption", "example_id", "image_format")
+_ANY_CHOICE = np.random.default_rng(0)  # choose_caption only checks here; the pick is unused
+
+
+class UnencodableRecord(ValueError):
+  """A record field that has no Example encoding."""
+
+
+def _caption_feature(caption) -> list[bytes]:
+  """A record's "caption" field -> the bytes of its usable entries (str as UTF-8).
+
+  Raises:
+    CaptionError: no usable entry; its reason is the one training would count.
+  """
+  choose_caption(caption, _ANY_CHOICE)
+  return [c.encode("utf-8", errors="surrogateescape") if isinstance(c, str) else bytes(c)
+          for c in usable_entries(caption)]
 
 
 def record_to_example(record: dict[str, Any]) -> bytes:
-  """A record of the common schema -> serialized Example with the default feature keys."""
+  """A record of the common schema -> serialized Example with the default feature keys.
+
+  Raises:
+    CaptionError: the record has a caption field without a usable caption.
+    UnencodableRecord: a field that no Example feature can hold.
+  """
   image = record["image"]
   if isinstance(image, np.ndarray):
     buf = io.BytesIO()
@@ -48,16 +79,18 @@ def record_to_example(record: dict[str, Any]) -> bytes:
                               "example_id": int(record["example_id"])}
   if fmt:
     features["image/format"] = fmt
-  caption = record.get("caption")
-  if caption is not None:
-    items = caption if isinstance(caption, (list, tuple)) else [caption]
-    features["caption"] = [c.encode("utf-8", errors="surrogateescape") if isinstance(c, str)
-                           else bytes(c) for c in items]
+  if record.get("caption") is not None:
+    features["caption"] = _caption_feature(record["caption"])
   for name, value in record.items():
     if name in _RESERVED:
       continue
-    values = np.asarray(value).reshape(-1)
+    try:
+      values = np.asarray(value).reshape(-1)
+    except ValueError as e:  # ragged lists
+      raise UnencodableRecord(f"field {name!r}: {e}") from None
     if values.dtype.kind in "iub":
+      if values.dtype == np.uint64 and values.size and int(values.max()) >= 1 << 63:
+        raise UnencodableRecord(f"field {name!r}: values outside int64")
       features[name] = [int(v) for v in values]
     elif values.dtype.kind == "f":
       features[name] = [float(v) for v in values]
@@ -68,27 +101,57 @@ def shard_path(out_dir: str, index: int, count: int, prefix: str = "data") -> st
   return os.path.join(out_dir, f"{prefix}-{index:05d}-of-{count:05d}.array_record")
 
 
+def _write_records(unit: Unit, writer) -> dict[str, int]:
+  """Writes the unit's usable records; returns its counts."""
+  counts: collections.Counter[str] = collections.Counter()
+  for record in unit.records():
+    counts["records"] += 1
+    if SKIP_KEY in record:
+      counts[f"skipped/{record[SKIP_KEY]}"] += 1
+      continue
+    if "image" not in record:
+      counts["skipped/missing_image"] += 1
+      continue
+    try:
+      example = record_to_example(record)
+    except CaptionError as e:
+      counts[f"skipped/{e.reason}"] += 1
+      continue
+    except (UnencodableRecord, TypeError, OverflowError) as e:
+      log.warning("record %s: %s; skipped", record.get("example_id"), e)
+      counts["skipped/unencodable_record"] += 1
+      continue
+    writer.write(example)
+    counts["written"] += 1
+  return dict(counts)
+
+
 def _convert_unit(job: tuple[Unit, str]) -> dict[str, int]:
-  """Writes one unit to `path` (via a temporary file); returns its counts."""
+  """Writes one unit to `path` (via a temporary file, removed if anything fails); returns
+  its counts."""
   from array_record.python.array_record_module import ArrayRecordWriter
   unit, path = job
-  counts: collections.Counter[str] = collections.Counter()
   tmp = f"{path}.tmp-{os.getpid()}"
-  writer = ArrayRecordWriter(tmp, "group_size:1")
   try:
-    for record in unit.records():
-      counts["records"] += 1
-      if SKIP_KEY in record:
-        counts[f"skipped/{record[SKIP_KEY]}"] += 1
-      elif "image" not in record:
-        counts["skipped/missing_image"] += 1
-      else:
-        writer.write(record_to_example(record))
-        counts["written"] += 1
-  finally:
-    writer.close()
-  os.replace(tmp, path)
-  return dict(counts)
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      counts = _write_records(unit, writer)
+    finally:
+      writer.close()
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return counts
+
+
+def _remove_stale_temporaries(paths: list[str]) -> None:
+  """Removes the temporary files that killed conversions left for these shards."""
+  for path in paths:
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+      log.info("removing %s, left by an interrupted conversion", tmp)
+      os.remove(tmp)
 
 
 class Progress:
@@ -131,6 +194,7 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1
   units = work_units(config, records_per_unit=records_per_shard)
   jobs = [(u, shard_path(out_dir, u.index, len(units), prefix)) for u in units]
   todo = [job for job in jobs if not os.path.exists(job[1])]
+  _remove_stale_temporaries([path for _, path in todo])
   if len(todo) < len(jobs):
     log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already written")
   bar = Progress(len(todo)) if progress and todo else None

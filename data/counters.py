@@ -11,21 +11,31 @@ markers and notes, drops the markers, and strips the notes. So:
 - they are part of the iterator state, so they checkpoint and survive a resume;
 - a source that is mostly bad (more than `max_bad_fraction` of at least `min_records`
   records) stops the run with a message naming the source and the reasons: that is a
-  wrong path or format, not noise.
+  wrong path or format, not noise;
+- files that could not be read (to the end) count by their share of the files: a marker
+  that ended a file carries (stream, files failed so far in this pass, files) under
+  FAILED_FILES_KEY (the source keeps that count in its own state), and more than
+  `max_bad_fraction` of a stream's files failing stops the run, however few records that
+  is;
+- a source with no usable record at all stops the run (even at max_bad_fraction = 1) once
+  `min_records` records are seen, or when the records end.
 
-`data_counters(iterator)` finds the counting stage inside a Grain iterator tree and returns
-its counters for the training metrics.
+`data_counters(iterator)` returns the counters for the training metrics: an iterator that
+has them answers `counters()` (a `CounterSource`): the `SkipCountingIterator` itself, and
+the packing iterators of `navit_clip.data.pack_dataset`, which keep the iterator they pack
+and ask it in turn. No iterator tree is searched.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import grain
 
 SKIP_KEY = "skip"
 NOTES_KEY = "notes"
+FAILED_FILES_KEY = "failed_files"  # on a marker that ended a file: (stream, failed, files)
 
 
 class BadSourceError(ValueError):
@@ -39,6 +49,14 @@ def skip_marker(reason: str, example_id: int) -> dict[str, Any]:
 
 def is_skip(element: dict) -> bool:
   return SKIP_KEY in element
+
+
+@runtime_checkable
+class CounterSource(Protocol):
+  """An iterator that reports skip counters (see `SkipCountingIterator.counters`)."""
+
+  def counters(self) -> dict[str, int]:
+    ...
 
 
 class SkipCountingIterator(grain.DatasetIterator):
@@ -55,10 +73,16 @@ class SkipCountingIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict:
     while True:
-      element = next(self._parent)
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        self._check_usable()
+        raise
       self._records += 1
       if is_skip(element):
         self._skipped[element[SKIP_KEY]] += 1
+        if FAILED_FILES_KEY in element:
+          self._check_files(*element[FAILED_FILES_KEY])
         self._check()
         continue
       for note in element.pop(NOTES_KEY, ()):
@@ -66,15 +90,37 @@ class SkipCountingIterator(grain.DatasetIterator):
       self._check()
       return element
 
+  def _reasons(self) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in self._skipped.most_common())
+
+  def _check_files(self, stream: str, failed: int, files: int) -> None:
+    """`failed` of the `files` of `stream` have failed in this pass (the source counts)."""
+    if self._max_bad < 1.0 and failed > self._max_bad * files:
+      raise BadSourceError(
+          f"data source {self._source}: {failed} of the {files} files of {stream} "
+          f"could not be read to the end ({self._reasons()}): more than "
+          f"config.data.max_bad_fraction = {self._max_bad} of the files (unreadable files "
+          "count by their share of the files, not as one record each). Check the path and "
+          "the file format.")
+
   def _check(self) -> None:
     bad = sum(self._skipped.values())
-    if (self._records >= self._min_records and self._max_bad < 1.0
-        and bad > self._max_bad * self._records):
-      reasons = ", ".join(f"{k}: {v}" for k, v in self._skipped.most_common())
+    if self._records < self._min_records:
+      return
+    if self._max_bad < 1.0 and bad > self._max_bad * self._records:
       raise BadSourceError(
           f"data source {self._source}: {bad} of the first {self._records} records were "
-          f"unusable ({reasons}), more than config.data.max_bad_fraction = {self._max_bad}. "
-          "Check the path, the file format and the feature keys.")
+          f"unusable ({self._reasons()}), more than config.data.max_bad_fraction = "
+          f"{self._max_bad}. Check the path, the file format and the feature keys.")
+    if bad == self._records:
+      self._check_usable()
+
+  def _check_usable(self) -> None:
+    if self._records and sum(self._skipped.values()) == self._records:
+      raise BadSourceError(
+          f"data source {self._source}: none of the {self._records} records read was "
+          f"usable ({self._reasons()}). Check the path, the file format and the feature "
+          "keys.")
 
   def counters(self) -> dict[str, int]:
     """{"records": seen, "skipped": total, "skipped/<reason>": n, "noted/<note>": n}."""
@@ -100,8 +146,9 @@ class SkipCountingDataset(grain.IterDataset):
   Args:
     parent: yields examples and skip markers.
     source: names the source in the error for a mostly bad one.
-    max_bad_fraction: stop when more than this share of records was skipped (1 = never).
-    min_records: ... and at least this many records have been seen.
+    max_bad_fraction: stop when more than this share of records was skipped, or of a
+      stream's files could not be read (1 = only when no record is usable).
+    min_records: ... and at least this many records have been seen (not for files).
   """
 
   def __init__(self, parent: grain.IterDataset, *, source: str = "?",
@@ -118,15 +165,6 @@ class SkipCountingDataset(grain.IterDataset):
 
 
 def data_counters(iterator: grain.DatasetIterator) -> dict[str, int]:
-  """The counters of the `SkipCountingIterator` inside `iterator`'s tree; {} if none."""
-  todo, seen = [iterator], set()
-  while todo:
-    it = todo.pop()
-    if id(it) in seen:
-      continue
-    seen.add(id(it))
-    if isinstance(it, SkipCountingIterator):
-      return it.counters()
-    todo.extend(getattr(it, "_parents", ()))
-  return {}
+  """The skip counters that `iterator` reports (a `CounterSource`); {} for any other."""
+  return iterator.counters() if isinstance(iterator, CounterSource) else {}
 

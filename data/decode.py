@@ -21,8 +21,11 @@ import io
 import struct
 import warnings
 
+import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
+
+from navit_clip.choices import check_choice, check_range
 
 REASONS = ("empty", "not_an_image", "unsupported_format", "mislabelled", "decompression_bomb",
            "too_small", "extreme_aspect", "truncated", "corrupt")
@@ -39,6 +42,18 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"
 # What PIL raises on bad bytes, across its format plugins.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
                ZeroDivisionError, struct.error)
+MISLABELLED_POLICIES = ("decode", "skip")
+
+
+def check_config(cfg: ml_collections.ConfigDict | DecodeLimits,
+                 prefix: str = "config.data.decode.") -> None:
+  """Checks config.data.decode, or the same fields of a DecodeLimits (0 turns a limit off).
+
+  `prefix` + field name names a field in the errors ("config.data.decode.max_pixels").
+  """
+  check_choice(f"{prefix}mislabelled", cfg.mislabelled, MISLABELLED_POLICIES)
+  for name in ("max_pixels", "min_side", "max_aspect"):
+    check_range(f"{prefix}{name}", getattr(cfg, name), 0)
 
 
 class DecodeError(ValueError):
@@ -67,11 +82,7 @@ class DecodeLimits:
   mislabelled: str = "decode"
 
   def __post_init__(self):
-    if self.mislabelled not in ("decode", "skip"):
-      raise ValueError(f"DecodeLimits.mislabelled = {self.mislabelled!r}; expected 'decode' "
-                       "or 'skip'")
-    if self.max_pixels < 0 or self.min_side < 0 or self.max_aspect < 0:
-      raise ValueError(f"DecodeLimits must be >= 0, got {self}")
+    check_config(self, prefix="DecodeLimits.")
 
 
 def declared_format(name: str | None) -> str | None:
@@ -127,17 +138,26 @@ class OpenedImage:
       self._image.close()
 
 
+def _wide_gray_to_rgb(im: Image.Image) -> np.ndarray:
+  """16-bit, int32 or float gray -> uint8 [H, W, 3], converted in place in the image's own
+  dtype (uint16 / int32 / float32), never in an int64 or float64 copy: 16-bit values are
+  divided by 256 (as are int32 ones when any exceeds 255), then clipped to [0, 255]."""
+  values = np.array(im)  # writable, the image's dtype
+  if im.mode != "F" and (im.mode.startswith("I;16") or values.max(initial=0) > 255):
+    values >>= 8
+  np.clip(values, 0, 255, out=values)
+  gray = values.astype(np.uint8)
+  del values
+  return np.repeat(gray[..., None], 3, axis=-1)
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
   """Any PIL mode -> uint8 [H, W, 3]."""
   mode = im.mode
   if mode == "RGB":
     return np.asarray(im)
   if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-    values = np.asarray(im, np.float64 if mode == "F" else np.int64)
-    if mode != "F":
-      values = values / 256.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else values
-    gray = np.clip(values, 0, 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=-1)
+    return _wide_gray_to_rgb(im)
   if mode == "P":
     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
   elif mode in ("LA", "La", "PA", "RGBa"):
@@ -203,9 +223,3 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits(),
     im.close()
     reason = "truncated" if "truncated" in str(e) else "corrupt"
     raise DecodeError(reason, f"reading metadata: {type(e).__name__}: {e}") from None
-
-
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(),
-                 declared: str | None = None) -> np.ndarray:
-  """Encoded bytes -> uint8 [H, W, 3] RGB at full size; raises DecodeError."""
-  return open_image(data, limits, declared).load()

@@ -147,6 +147,9 @@ def inspect_source(config: ml_collections.ConfigDict, *, limit: int = 0, workers
   Args:
     limit: at most this many records (0 = all), taken evenly from every unit.
     workers: processes.
+
+  Raises:
+    ValueError: no record read is usable (the report would describe nothing).
   """
   from navit_clip.data.pipeline import decode_limits
   units = work_units(config)
@@ -160,4 +163,9 @@ def inspect_source(config: ml_collections.ConfigDict, *, limit: int = 0, workers
   else:
     for job in jobs:
       report.merge(_inspect_unit(job))
+  if not report.counts["usable"]:
+    reasons = ", ".join(f"{k}: {v}" for k, v in report.counts.most_common()
+                        if k.startswith("skipped/")) or "no records at all"
+    raise ValueError(f"data inspect: {config.data.source} {config.data.train_files!r} has no "
+                     f"usable record in {report.counts['records']} read ({reasons})")
   return report

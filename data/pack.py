@@ -33,6 +33,8 @@ import numpy as np
 from navit_clip.data.batch import BatchSpec
 
 ALGORITHMS = ("first_fit", "best_fit", "window_best_fit")
+DEFAULT_WINDOW = 256  # images kept pending by window_best_fit
+DEFAULT_BINS = 64  # rows kept open by first_fit / best_fit
 
 
 def example_length(example: dict, spec: BatchSpec) -> int:
@@ -94,22 +96,46 @@ def assemble_batch(rows: Sequence[Sequence[dict]], spec: BatchSpec) -> dict[str,
   return batch
 
 
-class WindowPlanner:
+class _Planner:
+  """What every row planner keeps: the token count of each pending key.
+
+  Keys are added in ascending order (see `Packer`); `_emit` hands a row out and forgets
+  its keys.
+  """
+
+  def __init__(self, seq_len: int, max_images: int):
+    self._seq_len, self._max_images = seq_len, max_images
+    self._lengths: dict[int, int] = {}
+
+  def add(self, key: int, length: int) -> None:
+    self._lengths[key] = length
+
+  def pending(self) -> list[int]:
+    """Keys added but not yet emitted, ascending."""
+    return sorted(self._lengths)
+
+  def _emit(self, row: list[int]) -> list[int]:
+    for k in row:
+      del self._lengths[k]
+    return row
+
+
+class WindowPlanner(_Planner):
   """window_best_fit: rows built one at a time from a window of pending images."""
 
   def __init__(self, seq_len: int, max_images: int, window: int):
     if window < 1:
       raise ValueError(f"window must be >= 1, got {window}")
-    self._seq_len, self._max_images, self._window = seq_len, max_images, window
+    super().__init__(seq_len, max_images)
+    self._window = window
     self._keys: list[int] = []  # pending, in arrival order
-    self._lengths: dict[int, int] = {}
 
   def wants_input(self) -> bool:
     return len(self._keys) < self._window
 
   def add(self, key: int, length: int) -> None:
+    super().add(key, length)
     self._keys.append(key)
-    self._lengths[key] = length
 
   def next_row(self, final: bool) -> list[int] | None:
     """The next row's keys, or None when nothing is pending. `final` is unused here."""
@@ -130,12 +156,7 @@ class WindowPlanner:
       free[j] = -1
     row = [self._keys[j] for j in taken]
     self._keys = [k for k, f in zip(self._keys, free) if f >= 0]
-    for k in row:
-      del self._lengths[k]
-    return row
-
-  def pending(self) -> list[int]:
-    return list(self._keys)
+    return self._emit(row)
 
   def get_state(self) -> dict[str, Any]:
     return {"waiting": list(self._keys)}
@@ -145,23 +166,23 @@ class WindowPlanner:
     self._lengths = {k: lengths[k] for k in self._keys}
 
 
-class OpenRowsPlanner:
+class OpenRowsPlanner(_Planner):
   """first_fit / best_fit over `bins` open rows; the fullest row closes when none fits."""
 
   def __init__(self, seq_len: int, max_images: int, bins: int, best: bool):
     if bins < 1:
       raise ValueError(f"bins must be >= 1, got {bins}")
-    self._seq_len, self._max_images, self._bins, self._best = seq_len, max_images, bins, best
+    super().__init__(seq_len, max_images)
+    self._bins, self._best = bins, best
     self._open: list[list[int]] = []
     self._used: list[int] = []  # tokens used per open row
     self._ready: list[list[int]] = []  # closed rows, oldest first
-    self._lengths: dict[int, int] = {}
 
   def wants_input(self) -> bool:
     return not self._ready
 
   def add(self, key: int, length: int) -> None:
-    self._lengths[key] = length
+    super().add(key, length)
     fits = [i for i, (row, used) in enumerate(zip(self._open, self._used))
             if used + length <= self._seq_len and len(row) < self._max_images]
     if fits:
@@ -187,13 +208,7 @@ class OpenRowsPlanner:
       self._close(0)
     if not self._ready:
       return None
-    row = self._ready.pop(0)
-    for k in row:
-      del self._lengths[k]
-    return row
-
-  def pending(self) -> list[int]:
-    return sorted(self._lengths)
+    return self._emit(self._ready.pop(0))
 
   def get_state(self) -> dict[str, Any]:
     return {"open": [list(r) for r in self._open], "ready": [list(r) for r in self._ready]}
@@ -205,8 +220,9 @@ class OpenRowsPlanner:
     self._used = [sum(lengths[k] for k in r) for r in self._open]
 
 
-def make_planner(algorithm: str, seq_len: int, max_images: int, window: int = 256,
-                 bins: int = 64) -> WindowPlanner | OpenRowsPlanner:
+def make_planner(algorithm: str, seq_len: int, max_images: int,
+                 window: int = DEFAULT_WINDOW,
+                 bins: int = DEFAULT_BINS) -> WindowPlanner | OpenRowsPlanner:
   """The row planner named `algorithm` (one of ALGORITHMS)."""
   if algorithm == "window_best_fit":
     return WindowPlanner(seq_len, max_images, window)
@@ -225,7 +241,7 @@ class Packer:
   """
 
   def __init__(self, spec: BatchSpec, algorithm: str = "window_best_fit",
-               window: int = 256, bins: int = 64):
+               window: int = DEFAULT_WINDOW, bins: int = DEFAULT_BINS):
     self.spec = spec
     self._planner = make_planner(algorithm, spec.seq_len, spec.max_images, window, bins)
     self._examples: dict[int, dict] = {}
@@ -275,7 +291,8 @@ class Packer:
 
 
 def pack(examples: Iterable[dict], spec: BatchSpec, algorithm: str = "window_best_fit",
-         window: int = 256, bins: int = 64) -> Iterator[dict[str, np.ndarray]]:
+         window: int = DEFAULT_WINDOW,
+         bins: int = DEFAULT_BINS) -> Iterator[dict[str, np.ndarray]]:
   """Packs a stream of per-image examples into batches of `spec` (the last one padded)."""
   it = iter(examples)
   packer = Packer(spec, algorithm, window, bins)

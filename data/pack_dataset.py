@@ -20,6 +20,9 @@ the pending images). `set_state` restores the parent to the anchor, pulls the sa
 again, keeps the pending ones and drops the rest: a resumed stream yields exactly the
 batches of the unbroken one. Anchors are taken once per batch, so the parent's `get_state`
 costs nothing per image. Pack after `mp_prefetch`, so batches do not depend on workers.
+
+Counters. Both iterators keep the parent iterator they pack and answer `counters()` from
+it: the skip counters of the `SkipCountingDataset` below them (`navit_clip.data.counters`).
 """
 
 from __future__ import annotations
@@ -27,15 +30,20 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import numpy as np
 
+from navit_clip.choices import check_choice
 from navit_clip.data.batch import BatchSpec
-from navit_clip.data.pack import ALGORITHMS, Packer, example_length
+from navit_clip.data.counters import data_counters
+from navit_clip.data.pack import (ALGORITHMS, DEFAULT_BINS, DEFAULT_WINDOW, Packer,
+                                  example_length)
 
 GRAIN_PACKERS = ("grain_first_fit", "grain_best_fit")
+PACKERS = ALGORITHMS + GRAIN_PACKERS  # the choices of config.data.packer
 
 
 class PackedBatchIterator(grain.DatasetIterator):
@@ -85,6 +93,48 @@ class PackedBatchIterator(grain.DatasetIterator):
       examples[k] = example
     self._packer.set_state(packer_state, examples)
     self._anchors = collections.deque([(key, copy.deepcopy(state["parent"]))])
+
+  def counters(self) -> dict[str, int]:
+    """The counters of the parent iterator (see `navit_clip.data.counters`)."""
+    return data_counters(self._parent)
+
+
+class _Running(grain.IterDataset):
+  """An IterDataset whose iterator is one already running: for Grain's packers to read."""
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    super().__init__()
+    self._iterator = iterator
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return self._iterator
+
+
+class GrainPackedIterator(grain.DatasetIterator):
+  """Iterator of `PackedBatchDataset` for GRAIN_PACKERS: Grain's packing over `parent`.
+
+  `pack` builds Grain's packing pipeline over a dataset; its iterator's state is this
+  iterator's state. The parent is kept for its counters.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator,
+               pack: Callable[[grain.IterDataset], grain.IterDataset]):
+    self._packed = pack(_Running(parent)).__iter__()
+    super().__init__(self._packed)
+    self._counted = parent
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._packed)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._packed.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._packed.set_state(state)
+
+  def counters(self) -> dict[str, int]:
+    """The counters of the parent iterator (see `navit_clip.data.counters`)."""
+    return data_counters(self._counted)
 
 
 def _grain_example(example: dict, spec: BatchSpec) -> dict[str, np.ndarray]:
@@ -136,43 +186,42 @@ class PackedBatchDataset(grain.IterDataset):
   Args:
     parent: yields per-image example dicts (see `navit_clip.data.pack`).
     spec: the batch shape (B, L, M, P, C, T, K).
-    packer: one of ALGORITHMS or GRAIN_PACKERS (see the module docstring).
+    packer: one of PACKERS (see the module docstring).
     window: images kept pending by window_best_fit.
     bins: rows kept open by first_fit / best_fit, and Grain's `num_packing_bins`.
     seed, shuffle_bins: passed to Grain's packers (ignored by ours, which keep row order).
   """
 
   def __init__(self, parent: grain.IterDataset, spec: BatchSpec, *,
-               packer: str = "window_best_fit", window: int = 256, bins: int = 64,
-               seed: int = 0, shuffle_bins: bool = False):
-    if packer not in ALGORITHMS + GRAIN_PACKERS:
-      raise ValueError(f"packer {packer!r}; expected one of "
-                       f"{list(ALGORITHMS + GRAIN_PACKERS)}")
+               packer: str = "window_best_fit", window: int = DEFAULT_WINDOW,
+               bins: int = DEFAULT_BINS, seed: int = 0, shuffle_bins: bool = False):
+    check_choice("packer", packer, PACKERS)
     super().__init__(parent)
     self._spec, self._packer, self._window, self._bins = spec, packer, window, bins
-    self._grain = None
-    if packer in GRAIN_PACKERS:
-      m = spec.max_images
-      lengths = {"patches": spec.seq_len, "positions": spec.seq_len,
-                 "grid_hw": spec.seq_len, "example_id": m}
-      if spec.text_len is not None:
-        lengths["text_tokens"] = m * spec.text_len
-      if spec.num_classes is not None:
-        lengths["labels"] = m
-      cls = (grain.experimental.FirstFitPackIterDataset if packer == "grain_first_fit"
-             else grain.experimental.BestFitPackIterDataset)
-      packed = cls(parent.map(functools.partial(_grain_example, spec=spec)),
-                   length_struct=lengths, num_packing_bins=bins, seed=seed,
-                   shuffle_bins=shuffle_bins, max_sequences_per_bin=m)
-      self._grain = (packed.map(functools.partial(_contract_row, spec=spec))
-                     .batch(spec.batch_size,
-                            batch_fn=functools.partial(_stack_rows, spec=spec)))
+    self._seed, self._shuffle_bins = seed, shuffle_bins
 
-  def __iter__(self) -> grain.DatasetIterator:
-    if self._grain is not None:
-      return self._grain.__iter__()
-    return PackedBatchIterator(self._parent.__iter__(), self._spec, self._packer,
-                               self._window, self._bins)
+  def _grain_packed(self, examples: grain.IterDataset) -> grain.IterDataset:
+    """Grain's packer over per-image `examples`, as batches of the contract."""
+    spec, m = self._spec, self._spec.max_images
+    lengths = {"patches": spec.seq_len, "positions": spec.seq_len,
+               "grid_hw": spec.seq_len, "example_id": m}
+    if spec.text_len is not None:
+      lengths["text_tokens"] = m * spec.text_len
+    if spec.num_classes is not None:
+      lengths["labels"] = m
+    cls = (grain.experimental.FirstFitPackIterDataset if self._packer == "grain_first_fit"
+           else grain.experimental.BestFitPackIterDataset)
+    packed = cls(examples.map(functools.partial(_grain_example, spec=spec)),
+                 length_struct=lengths, num_packing_bins=self._bins, seed=self._seed,
+                 shuffle_bins=self._shuffle_bins, max_sequences_per_bin=m)
+    return (packed.map(functools.partial(_contract_row, spec=spec))
+            .batch(spec.batch_size, batch_fn=functools.partial(_stack_rows, spec=spec)))
+
+  def __iter__(self) -> PackedBatchIterator | GrainPackedIterator:
+    parent = self._parent.__iter__()
+    if self._packer in GRAIN_PACKERS:
+      return GrainPackedIterator(parent, self._grain_packed)
+    return PackedBatchIterator(parent, self._spec, self._packer, self._window, self._bins)
 
   def __str__(self) -> str:
     return f"PackedBatchDataset(packer={self._packer})"

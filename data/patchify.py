@@ -15,13 +15,18 @@ def _check_image(image: np.ndarray) -> None:
                      f"{list(image.shape)}")
 
 
-def resize(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-  """Resizes with PIL's bilinear filter (antialiased when shrinking).
+RESAMPLE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resize(image: np.ndarray, size_hw: tuple[int, int], resample: str = "bilinear"
+           ) -> np.ndarray:
+  """Resizes with PIL's bilinear or bicubic filter (antialiased when shrinking).
 
   Args:
     image: uint8 [H, W, C], any number of channels (three go through PIL at once, others
       one channel at a time).
     size_hw: target (height, width) in pixels, each >= 1.
+    resample: a key of RESAMPLE_FILTERS.
 
   Returns:
     uint8 [height, width, C]; the input itself when it already has that size.
@@ -30,13 +35,15 @@ def resize(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
   h, w = int(size_hw[0]), int(size_hw[1])
   if h < 1 or w < 1:
     raise ValueError(f"resize target must be >= 1 pixel a side, got ({h}, {w})")
+  if resample not in RESAMPLE_FILTERS:
+    raise ValueError(f"resize filter {resample!r}; expected one of {list(RESAMPLE_FILTERS)}")
   if image.shape[:2] == (h, w):
     return image
+  pil_filter = RESAMPLE_FILTERS[resample]
   if image.shape[2] == 3:
-    out = Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR)
-    return np.asarray(out)
+    return np.asarray(Image.fromarray(image).resize((w, h), pil_filter))
   planes = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]))
-                       .resize((w, h), Image.Resampling.BILINEAR))
+                       .resize((w, h), pil_filter))
             for c in range(image.shape[2])]
   return np.stack(planes, axis=-1)
 

@@ -23,33 +23,80 @@ packer's pending images) checkpoints. A resumed run must use the same worker cou
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import grain
 import ml_collections
+import numpy as np
 
+from navit_clip.choices import check_choice, check_range, naming
 from navit_clip.data.batch import BatchSpec
+from navit_clip.data.captions import REPAIR_POLICIES
 from navit_clip.data.counters import SkipCountingDataset
 from navit_clip.data.decode import DecodeLimits
+from navit_clip.data.decode import check_config as check_decode
 from navit_clip.data.sources.demo import DemoSource
-from navit_clip.data.pack_dataset import PackedBatchDataset
+from navit_clip.data.pack_dataset import PACKERS, PackedBatchDataset
 from navit_clip.data.preprocess import Preprocessor
 from navit_clip.data.resolution_sampling import ResolutionSampler
+from navit_clip.data.resolution_sampling import check_config as check_resolution
 from navit_clip.data.sources.arrayrecord import ArrayRecordSource
 from navit_clip.data.sources.tf_example import ExampleKeys
 from navit_clip.data.sources.folder import CaptionFolderSource, ClassFolderSource
 from navit_clip.data.sources.mixture import parse_mixture
 from navit_clip.data.sources.paths import expand_paths
-from navit_clip.data.sources.stream import (ID_MIXTURE_SHIFT, FileStream, MixedStream,
-                                            WorkerStride)
+from navit_clip.data.sources.stream import FileStream, MixedStream, WorkerStride, mixture_id
 from navit_clip.data.sources.tfrecord import TFRecordReader
 from navit_clip.data.sources.webdataset import TarReader
 from navit_clip.data.token_drop import TokenDropper
+from navit_clip.data.token_drop import check_config as check_token_drop
 from navit_clip.variants import parse_variant
 from navit_clip.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 RANDOM_ACCESS = ("demo", "arrayrecord", "folder", "class_folders")
 STREAMS = ("webdataset", "tfrecord")
 SOURCES = RANDOM_ACCESS + STREAMS + ("mixture",)
+SHRINK_WARN_SHARE = 0.25  # warn at start when a config shrinks more of its images than this
+
+
+def check_config(d: ml_collections.ConfigDict) -> None:
+  """Checks config.data: the batch shape, the source and its reading, decoding, per-example
+  work (resolution, token dropping; checked by the modules that read them) and packing.
+
+  Raises:
+    ValueError: naming the key ("config.data.source = ...") and what it must be.
+  """
+  check_range("config.data.batch_size", d.batch_size, 1)
+  check_range("config.data.seq_len", d.seq_len, 1)
+  if not 1 <= d.max_images <= d.seq_len:
+    raise ValueError(f"config.data.max_images = {d.max_images} must be in [1, "
+                     f"config.data.seq_len = {d.seq_len}]")
+  _check_source(d)
+  check_decode(d.decode)
+  check_resolution(d.resolution)
+  check_token_drop(d.token_drop)
+  check_choice("config.data.packer", d.packer, PACKERS)
+  check_range("config.data.tokenizer.pad_id", d.tokenizer.pad_id, -1)
+  check_range("config.data.pack_window", d.pack_window, 1)
+  check_range("config.data.pack_bins", d.pack_bins, 1)
+
+
+def _check_source(d: ml_collections.ConfigDict) -> None:
+  """Checks the keys of config.data that choose and read the training records."""
+  check_choice("config.data.source", d.source, SOURCES)
+  if d.source == "mixture":
+    with naming("config.data.mixture", d.mixture):
+      parse_mixture(d.mixture, RANDOM_ACCESS + STREAMS)
+  elif d.source != "demo" and not d.train_files:
+    raise ValueError(f"config.data.source = {d.source!r} needs config.data.train_files")
+  check_choice("config.data.caption_repair", d.caption_repair, REPAIR_POLICIES)
+  for name in ("num_epochs", "num_workers", "bad_check_min_records"):
+    check_range(f"config.data.{name}", d[name], 0)
+  for name in ("cycle_length", "shuffle_window", "max_member_bytes"):
+    check_range(f"config.data.{name}", d[name], 1)
+  check_range("config.data.max_bad_fraction", d.max_bad_fraction, 0.0, 1.0, low_open=True)
 
 
 def batch_spec(config: ml_collections.ConfigDict) -> BatchSpec:
@@ -95,9 +142,9 @@ def make_source(config: ml_collections.ConfigDict, split: str, kind: str | None 
     return ArrayRecordSource(expand_paths(files, what=f"{split} ArrayRecord files"),
                              example_keys(config))
   if kind == "folder":
-    return CaptionFolderSource(files)
+    return CaptionFolderSource(files, d.max_member_bytes)
   if kind == "class_folders":
-    return ClassFolderSource(files)
+    return ClassFolderSource(files, d.max_member_bytes)
   if kind in STREAMS or kind == "mixture":
     raise ValueError(f"source {kind!r} is not random access; stream it with make_records, "
                      "or convert it to ArrayRecord with `navit-clip data convert`")
@@ -108,7 +155,7 @@ def _reader(config: ml_collections.ConfigDict, kind: str):
   """The FileStream reader of a streamed source kind."""
   if kind == "webdataset":
     return TarReader(config.data.max_member_bytes)
-  return TFRecordReader(example_keys(config))
+  return TFRecordReader(example_keys(config), config.data.max_member_bytes)
 
 
 def make_stream(config: ml_collections.ConfigDict, kind: str, files: str) -> grain.IterDataset:
@@ -122,7 +169,7 @@ def make_stream(config: ml_collections.ConfigDict, kind: str, files: str) -> gra
     raise ValueError(f"stream kind {kind!r} is not one of {list(STREAMS)}")
   paths = expand_paths(files, what=f"{kind} files")
   return FileStream(paths, _reader(config, kind), file_ids=range(len(paths)), seed=0,
-                    cycle=1, num_epochs=1, shuffle_files=False)
+                    cycle=1, num_epochs=1, shuffle_files=False, name=f"{kind} {files!r}")
 
 
 def _file_stream(config: ml_collections.ConfigDict, kind: str, files: str, *, seed: int,
@@ -135,7 +182,7 @@ def _file_stream(config: ml_collections.ConfigDict, kind: str, files: str, *, se
     raise ValueError(f"{kind} files {files!r}: {len(ids)} files for {process_count} "
                      "processes; every process needs at least one file")
   ds = FileStream(paths, _reader(config, kind), file_ids=ids, seed=seed,
-                  cycle=d.cycle_length, num_epochs=num_epochs)
+                  cycle=d.cycle_length, num_epochs=num_epochs, name=f"{kind} {files!r}")
   if d.shuffle_window > 1:
     ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=d.shuffle_window,
                                                      seed=seed)
@@ -153,13 +200,26 @@ def _random_access(source, *, seed: int, num_epochs: int, shuffle: bool, process
 
 
 class _OffsetIds:
-  """Adds `component << ID_MIXTURE_SHIFT` to a record's example id (mixtures)."""
+  """Makes a record's example id `mixture_id(component, id)` (mixtures)."""
 
   def __init__(self, component: int):
-    self.offset = component << ID_MIXTURE_SHIFT
+    self.component = component
 
   def __call__(self, record: dict) -> dict:
-    return {**record, "example_id": int(record["example_id"]) + self.offset}
+    return {**record, "example_id": mixture_id(self.component, record["example_id"])}
+
+
+def process_seed(seed: int, process_index: int) -> int:
+  """The seed of one process's data (shuffles, resolutions, drop rates, captions).
+
+  Process 0 uses `seed` itself (a one-process run is process 0); process p > 0 a 31-bit
+  seed mixed from (seed, p) by np.random.SeedSequence, unrelated to any other process's
+  (Grain offsets shuffle seeds by the epoch and window index, so seed + p would repeat
+  process 0's orders one epoch or window later).
+  """
+  if process_index == 0:
+    return seed
+  return int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0] >> 1)
 
 
 def make_records(config: ml_collections.ConfigDict, *, seed: int, num_epochs: int = 0,
@@ -167,11 +227,15 @@ def make_records(config: ml_collections.ConfigDict, *, seed: int, num_epochs: in
                  ) -> grain.MapDataset | grain.IterDataset:
   """This process's training records: config.data.source, or its mixture.
 
+  `seed` is the run's seed; the shuffles of process `process_index` draw from
+  `process_seed(seed, process_index)`, so processes read their shares in unrelated orders.
+
   Returns:
     A MapDataset of records when every source is random access (shuffled globally), else
     an IterDataset of (stream position, record) pairs (`WorkerStride`).
   """
   d = config.data
+  seed = process_seed(seed, process_index)
   if d.source == "mixture":
     components = [(c.kind, c.files, c.weight)
                   for c in parse_mixture(d.mixture, RANDOM_ACCESS + STREAMS)]
@@ -203,15 +267,21 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   if not tok.path:
     raise ValueError("config.data.tokenizer.path is empty; the contrastive task needs a "
                      "SentencePiece .model (train one with `navit-clip tokenizer train`)")
-  tokenizer = Tokenizer(tok.path, config.model.text.max_len, lowercase=tok.lowercase)
+  tokenizer = Tokenizer(tok.path, config.model.text.max_len, lowercase=tok.lowercase,
+                        pad_id=None if tok.pad_id < 0 else tok.pad_id)
   tokenizer.check_config(config.model.text)
   return tokenizer
 
 
 def make_preprocessor(config: ml_collections.ConfigDict, *, seed: int,
                       resolution: ml_collections.ConfigDict | None = None,
-                      token_drop: bool = True) -> Preprocessor:
-  """Per-example work for `config` (resolution defaults to config.data.resolution)."""
+                      token_drop: bool = True, process_index: int = 0,
+                      process_count: int = 1) -> Preprocessor:
+  """Per-example work for `config` (resolution defaults to config.data.resolution).
+
+  `seed` is the run's seed; process `process_index` of `process_count` draws from
+  `process_seed(seed, process_index)` and counts the run's images for the drop schedule.
+  """
   spec = batch_spec(config)
   sampler = ResolutionSampler.from_config(resolution or config.data.resolution,
                                           spec.patch_size, spec.seq_len)
@@ -219,12 +289,41 @@ def make_preprocessor(config: ml_collections.ConfigDict, *, seed: int,
              else TokenDropper(kind="none"))
   contrastive = config.task == "contrastive"
   return Preprocessor(
-      patch_size=spec.patch_size, sampler=sampler, dropper=dropper, seed=seed,
+      patch_size=spec.patch_size, sampler=sampler, dropper=dropper,
+      seed=process_seed(seed, process_index), process_index=process_index,
+      process_count=process_count,
       tokenizer=make_tokenizer(config) if contrastive else None,
       label_field=None if contrastive else config.data.label_field,
       num_classes=0 if contrastive else config.model.num_classes,
       multi_label=spec.multi_label, limits=decode_limits(config),
       draft=config.data.decode.draft, caption_repair=config.data.caption_repair)
+
+
+def shrink_share(config: ml_collections.ConfigDict, num_draws: int = 2000) -> float:
+  """The estimated share of training images that `config` shrinks to fit data.seq_len.
+
+  Sampled from config.data.resolution for an image at its max side (`num_draws` draws):
+  a share above a few percent means the sizes bunch up at the row length instead of
+  following the configured distribution (see `ResolutionSampler.sample`).
+  """
+  spec = batch_spec(config)
+  sampler = ResolutionSampler.from_config(config.data.resolution, spec.patch_size,
+                                          spec.seq_len)
+  return sampler.shrink_share(num_draws)
+
+
+def warn_if_shrinking(config: ml_collections.ConfigDict) -> float:
+  """Logs a warning when `shrink_share(config)` exceeds SHRINK_WARN_SHARE; returns it."""
+  share = shrink_share(config)
+  if share > SHRINK_WARN_SHARE:
+    spec, res = batch_spec(config), config.data.resolution
+    fits = int(spec.seq_len ** 0.5 * spec.patch_size)
+    log.warning(
+        "config.data.resolution (%s, sides %g-%g px) shrinks about %.0f%% of the images "
+        "to fit config.data.seq_len = %d patches of %d px (a square of about %d px): "
+        "lower max_side or raise seq_len", res.kind, res.min_side, res.max_side,
+        100 * share, spec.seq_len, spec.patch_size, fits)
+  return share
 
 
 def _count_skips(ds: grain.IterDataset, config: ml_collections.ConfigDict,
@@ -241,27 +340,23 @@ def _source_name(config: ml_collections.ConfigDict) -> str:
   return f"{d.source} {d.train_files!r}" if d.source != "demo" else "demo"
 
 
-def make_train_dataset(config: ml_collections.ConfigDict, *,
-                       process_index: int | None = None,
-                       process_count: int | None = None) -> grain.IterDataset:
+def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
   """Packed training batches (host NumPy dicts of `batch_spec(config)`) of this process.
 
   When the data is sharded by process, each process packs its own B / process_count rows
   (navit_clip.sharding.global_batch assembles the global batch on the devices).
 
-  Endless unless config.data.num_epochs > 0. `process_index` / `process_count` default to
-  jax.process_index() / jax.process_count() when config.data.shard_by_process, else 0 / 1.
-  `navit_clip.data.counters.data_counters(iterator)` reads the skip counters of an iterator.
+  Endless unless config.data.num_epochs > 0. `process_index` of `process_count` is this
+  process's share of the records (the trainer passes `navit_clip.distributed.data_share`:
+  the JAX process when config.data.shard_by_process, else 0 of 1); the data layer knows no
+  JAX. `navit_clip.data.counters.data_counters(iterator)` reads the skip counters of an
+  iterator.
   """
   d = config.data
-  if process_index is None or process_count is None:
-    if d.shard_by_process:
-      import jax
-      process_index, process_count = jax.process_index(), jax.process_count()
-    else:
-      process_index, process_count = 0, 1
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  warn_if_shrinking(config)
   records = make_records(config, seed=config.seed, num_epochs=d.num_epochs,
                          process_index=process_index, process_count=process_count)
   spec = batch_spec(config)
@@ -270,7 +365,8 @@ def make_train_dataset(config: ml_collections.ConfigDict, *,
       raise ValueError(f"config.data.batch_size = {spec.batch_size} does not split over "
                        f"{process_count} processes")
     spec = dataclasses.replace(spec, batch_size=spec.batch_size // process_count)
-  preprocess = make_preprocessor(config, seed=config.seed)
+  preprocess = make_preprocessor(config, seed=config.seed, process_index=process_index,
+                                 process_count=process_count)
   if isinstance(records, grain.MapDataset):
     ds = records.map_with_index(preprocess).to_iter_dataset()
   else:

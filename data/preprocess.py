@@ -2,7 +2,8 @@
 
 Runs in Grain worker processes (so it is picklable and import-safe). For record i of the
 stream, with randomness drawn from (seed, i) only, so the result does not depend on worker
-count or order:
+count or order (each process of a multi-host run has a seed of its own,
+`navit_clip.data.pipeline.process_seed`):
 
   image (encoded bytes, or uint8 [H, W, C]) --header: size, orientation, limits-->
   resolution sampling (aspect kept, patch-rounded, fits L) --> decode (a JPEG at reduced
@@ -12,6 +13,8 @@ count or order:
 
 A record that cannot be used (bad bytes, no usable caption, a bad label) becomes a skip
 marker naming the reason (`navit_clip.data.counters`); markers from the source pass through.
+An image whose sampled size overflows the sequence and is shrunk to fit carries the note
+"shrunk_to_fit", so the counters count them (`shrunk_share`).
 Counting and removing them happens in the main process, so the counts are exact.
 """
 
@@ -31,6 +34,21 @@ from navit_clip.data.token_drop import TokenDropper, drop_tokens
 from navit_clip.text.tokenizer import Tokenizer
 
 _CAPTION_STREAM = 1  # the caption choice draws from (seed, index, _CAPTION_STREAM)
+SHRUNK_NOTE = "shrunk_to_fit"  # the note of an image shrunk to the sequence length
+
+
+def shrunk_share(counters: dict[str, int]) -> float:
+  """The share of the used images that were shrunk to fit the sequence length.
+
+  Args:
+    counters: `navit_clip.data.counters.data_counters(iterator)` of a training iterator
+      (records, skipped, and "noted/shrunk_to_fit" once an image was shrunk).
+
+  Returns:
+    shrunk / (records - skipped) since the start of the run, 0.0 before any image.
+  """
+  used = counters.get("records", 0) - counters.get("skipped", 0)
+  return counters.get(f"noted/{SHRUNK_NOTE}", 0) / used if used > 0 else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +60,16 @@ class Preprocessor:
     sampler: target size per image (its max_patches is the sequence length L).
     dropper: token drop rate per image.
     seed: the stream's seed; record i draws from np.random.default_rng((seed, i)).
+    process_index / process_count: this process of the run; its record i is image
+      i * process_count + process_index of the run, the clock of the token-drop schedule.
     tokenizer: encodes the chosen caption into "text_tokens" [T] (contrastive mode), or None.
     label_field: record field copied to "labels" (classification mode), or None.
     num_classes / multi_label: labels become int32 scalars, or float32 multi-hot [K] when
       `multi_label` (the record then holds a list of class indices).
     limits: what the decoder refuses (bombs, tiny images, extreme aspects, mislabels).
     draft: decode JPEGs at reduced scale when the target is at most half their size.
+    resample: the resize filter ("bilinear" or "bicubic", see `patchify.resize`). A target
+      side that is not a multiple of the patch size loses its last rows / columns.
     caption_repair: "replace" invalid UTF-8 (noted) or "skip" the record.
 
   Records: "image" is encoded bytes (any format of navit_clip.data.decode.FORMATS, with an
@@ -59,6 +81,8 @@ class Preprocessor:
   sampler: ResolutionSampler
   dropper: TokenDropper
   seed: int
+  process_index: int = 0
+  process_count: int = 1
   tokenizer: Tokenizer | None = None
   label_field: str | None = None
   num_classes: int = 0
@@ -66,6 +90,7 @@ class Preprocessor:
   limits: DecodeLimits = DecodeLimits()
   draft: bool = True
   caption_repair: str = "replace"
+  resample: str = "bilinear"
 
   def __call__(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
     """Record number `index` of the stream -> packable example or skip marker."""
@@ -94,17 +119,22 @@ class Preprocessor:
         if image.dtype != np.uint8 or image.ndim != 3:
           raise ValueError(f"record {example_id}: a decoded 'image' must be uint8 "
                            f"[H, W, C], got {image.dtype}{list(image.shape)}")
-        h, w = self.sampler(rng, image.shape[0], image.shape[1])
+        h, w, shrunk = self.sampler.sample(rng, image.shape[0], image.shape[1])
       else:
         opened = open_image(bytes(image), self.limits, record.get("image_format"))
         if opened.mislabelled:
           notes.append("mislabelled")
-        h, w = self.sampler(rng, *opened.size_hw)
+        h, w, shrunk = self.sampler.sample(rng, *opened.size_hw)
         image = opened.load((h, w) if self.draft else None)
+      if shrunk:
+        notes.append(SHRUNK_NOTE)
     except (DecodeError, CaptionError) as e:
       return skip_marker(e.reason, example_id)
-    patches, positions, grid_hw = patchify(resize(image, (h, w)), self.patch_size)
-    rate = self.dropper.sample_rate(rng, patches.shape[0], images_seen=index)
+    p = self.patch_size
+    image = resize(image, (h, w), self.resample)[:h - h % p, :w - w % p]
+    patches, positions, grid_hw = patchify(image, p)
+    images_seen = index * self.process_count + self.process_index
+    rate = self.dropper.sample_rate(rng, patches.shape[0], images_seen=images_seen)
     patches, positions, _ = drop_tokens(rng, patches, positions, rate)
     out = {"patches": patches, "positions": positions, "grid_hw": grid_hw,
            "example_id": np.int64(example_id)}

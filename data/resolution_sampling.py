@@ -25,7 +25,24 @@ import math
 import ml_collections
 import numpy as np
 
+from navit_clip.choices import check_choice, check_range
+
 KINDS = ("uniform_side", "truncnorm_side", "fixed_area", "patch_budget")
+
+
+def check_config(cfg: ml_collections.ConfigDict | ResolutionSampler,
+                 prefix: str = "config.data.resolution.") -> None:
+  """Checks config.data.resolution, or the same fields of a ResolutionSampler.
+
+  `prefix` + field name names a field in the errors ("config.data.resolution.kind").
+  """
+  check_choice(f"{prefix}kind", cfg.kind, KINDS)
+  if not 0 < cfg.min_side <= cfg.max_side:
+    raise ValueError(f"{prefix}min_side = {cfg.min_side} and {prefix}max_side = "
+                     f"{cfg.max_side} need 0 < min_side <= max_side")
+  check_range(f"{prefix}max_upscale", cfg.max_upscale, 0.0, low_open=True)
+  check_range(f"{prefix}area", cfg.area, 0.0, low_open=True)
+  check_range(f"{prefix}patch_budget", cfg.patch_budget, 1)
 
 
 def _check_hw(h: int, w: int) -> None:
@@ -95,15 +112,31 @@ def fit_patch_budget(h: int, w: int, patch_size: int, budget: int,
   return gh * patch_size, gw * patch_size
 
 
-def fit_to_length(size_hw: tuple[int, int], patch_size: int,
-                  max_patches: int) -> tuple[int, int]:
-  """Returns `size_hw` rounded to patches, shrunk (aspect kept) if it has > max_patches."""
-  h, w = size_hw
+def naflex_size(h: int, w: int, patch_size: int, max_patches: int) -> tuple[int, int]:
+  """The size SigLIP 2 NaFlex's image processor resizes an (h, w) image to.
+
+  Unlike `fit_patch_budget`, each side is rounded UP to a multiple of the patch size (at
+  least one patch), and the scale is the largest that a bisection of [1e-6, 100] to within
+  1e-5 finds with at most `max_patches` patches: the same steps, so the same sizes.
+
+  Returns:
+    (height, width) in pixels, multiples of `patch_size`.
+  """
   _check_hw(h, w)
-  gh, gw = _grid(h, w, 1.0, patch_size)
-  if gh * gw <= max_patches:
-    return gh * patch_size, gw * patch_size
-  return fit_patch_budget(h, w, patch_size, max_patches, max_upscale=1.0)
+  if max_patches < 1:
+    raise ValueError(f"max_patches must be >= 1, got {max_patches}")
+
+  def side(n: int, scale: float) -> int:
+    return max(patch_size, math.ceil(n * scale / patch_size) * patch_size)
+
+  lo, hi = 1e-6, 100.0
+  while hi - lo >= 1e-5:
+    mid = (lo + hi) / 2
+    if (side(h, mid) // patch_size) * (side(w, mid) // patch_size) <= max_patches:
+      lo = mid
+    else:
+      hi = mid
+  return side(h, lo), side(w, lo)
 
 
 def uniform_side(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -150,16 +183,10 @@ class ResolutionSampler:
   max_upscale: float = 2.0
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"resolution kind {self.kind!r}; expected one of {list(KINDS)}")
+    check_config(self, prefix="resolution ")
     if self.patch_size < 1 or self.max_patches < 1:
       raise ValueError(f"patch_size ({self.patch_size}) and max_patches "
                        f"({self.max_patches}) must be >= 1")
-    if not 0 < self.min_side <= self.max_side:
-      raise ValueError(f"resolution needs 0 < min_side <= max_side, got {self.min_side}, "
-                       f"{self.max_side}")
-    if not self.max_upscale > 0:
-      raise ValueError(f"max_upscale must be > 0, got {self.max_upscale}")
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, patch_size: int,
@@ -172,10 +199,22 @@ class ResolutionSampler:
 
   def __call__(self, rng: np.random.Generator, h: int, w: int) -> tuple[int, int]:
     """Target (height, width) in pixels for an image of native size (h, w)."""
+    height, width, _ = self.sample(rng, h, w)
+    return height, width
+
+  def sample(self, rng: np.random.Generator, h: int, w: int) -> tuple[int, int, bool]:
+    """(height, width, shrunk) for an image of native size (h, w).
+
+    `shrunk` is True when the sampled size had more than `max_patches` patches and was
+    shrunk to fit the sequence: a spike of images at the row length, not the distribution.
+    """
     budget = self.max_patches
     if self.kind == "patch_budget":
-      budget = min(budget, self.patch_budget)
-      return fit_patch_budget(h, w, self.patch_size, budget, self.max_upscale)
+      size = fit_patch_budget(h, w, self.patch_size, min(budget, self.patch_budget),
+                              self.max_upscale)
+      wanted = (fit_patch_budget(h, w, self.patch_size, self.patch_budget, self.max_upscale)
+                if self.patch_budget > budget else size)
+      return (*size, self._patches(wanted) > budget)
     if self.kind == "uniform_side":
       side = uniform_side(rng, self.min_side, self.max_side)
     elif self.kind == "truncnorm_side":
@@ -184,7 +223,20 @@ class ResolutionSampler:
     else:
       side = math.sqrt(self.area)
     size = size_for_side(h, w, side, self.patch_size, self.max_upscale)
-    if (size[0] // self.patch_size) * (size[1] // self.patch_size) <= budget:
-      return size
+    if self._patches(size) <= budget:
+      return (*size, False)
     scale = min(side / math.sqrt(h * w), self.max_upscale)
-    return fit_patch_budget(h, w, self.patch_size, budget, max_upscale=scale)
+    return (*fit_patch_budget(h, w, self.patch_size, budget, max_upscale=scale), True)
+
+  def _patches(self, size_hw: tuple[int, int]) -> int:
+    return (size_hw[0] // self.patch_size) * (size_hw[1] // self.patch_size)
+
+  def shrink_share(self, num_draws: int = 2000, seed: int = 0) -> float:
+    """The share of images shrunk to fit `max_patches`, over `num_draws` sizes sampled for
+    a square image of side `max_side` (or of `area`: large enough that the upscale cap
+    does not bind)."""
+    if self.kind in ("fixed_area", "patch_budget"):
+      num_draws = 1  # one size per native size
+    rng = np.random.default_rng(seed)
+    side = math.ceil(max(self.max_side, math.sqrt(self.area)))
+    return sum(self.sample(rng, side, side)[2] for _ in range(num_draws)) / num_draws

@@ -11,7 +11,8 @@ Rate kinds (`config.data.token_drop`):
 - resolution: d ~ N(mu, resolution_std) with draws beyond 2 std rejected, mu rising linearly
   from min_rate at `min_tokens` patches to max_rate at `max_tokens` (clamped outside).
 - schedule (constant and beta): the rate (the mean, for beta) follows a sigmoid over the
-  images seen, from schedule_start at image 0 to schedule_end at `schedule_images`.
+  images seen, from schedule_start at image 0 to schedule_end at `schedule_images`. The
+  images seen are the whole run's, over all processes (`Preprocessor` counts them).
 """
 
 from __future__ import annotations
@@ -22,9 +23,38 @@ import math
 import ml_collections
 import numpy as np
 
+from navit_clip.choices import check_choice, check_range
+
 KINDS = ("none", "constant", "beta", "resolution")
 _BETA_VARIANCE = 0.3  # variance of u as a fraction of u_mu (1 - u_mu)
 _SIGMOID_STEEPNESS = 12.0  # the schedule's sigmoid spans [-6, 6] over schedule_images
+_RATES = ("rate", "max_rate", "min_rate", "schedule_start", "schedule_end")
+
+
+def check_config(cfg: ml_collections.ConfigDict | TokenDropper,
+                 prefix: str = "config.data.token_drop.") -> None:
+  """Checks config.data.token_drop, or the same fields of a TokenDropper.
+
+  `prefix` + field name names a field in the errors ("config.data.token_drop.rate").
+  """
+  check_choice(f"{prefix}kind", cfg.kind, KINDS)
+  for name in _RATES:
+    check_range(f"{prefix}{name}", getattr(cfg, name), 0.0, 1.0, high_open=True)
+  if cfg.kind == "beta":
+    means = (cfg.schedule_start, cfg.schedule_end) if cfg.schedule else (cfg.rate,)
+    if not all(0 < m < cfg.max_rate for m in means):
+      raise ValueError(f"{prefix}kind = 'beta' needs its mean rate(s) {means} in (0, "
+                       f"{prefix}max_rate = {cfg.max_rate})")
+  if cfg.kind == "resolution":
+    if cfg.schedule:
+      raise ValueError(f"{prefix}schedule applies to kind 'constant' or 'beta', not "
+                       "'resolution'")
+    if not 1 <= cfg.min_tokens < cfg.max_tokens:
+      raise ValueError(f"{prefix}kind = 'resolution' needs 1 <= min_tokens "
+                       f"({cfg.min_tokens}) < max_tokens ({cfg.max_tokens})")
+    check_range(f"{prefix}resolution_std", cfg.resolution_std, 0.0, low_open=True)
+  if cfg.schedule:
+    check_range(f"{prefix}schedule_images", cfg.schedule_images, 1)
 
 
 def drop_tokens(rng: np.random.Generator, patches: np.ndarray, positions: np.ndarray,
@@ -84,27 +114,7 @@ class TokenDropper:
   schedule_images: int = 1_000_000
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"token drop kind {self.kind!r}; expected one of {list(KINDS)}")
-    for name in ("rate", "max_rate", "min_rate", "schedule_start", "schedule_end"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        raise ValueError(f"token drop {name} = {getattr(self, name)} must be in [0, 1)")
-    if self.kind == "beta":
-      means = (self.schedule_start, self.schedule_end) if self.schedule else (self.rate,)
-      if not all(0 < m < self.max_rate for m in means):
-        raise ValueError(f"beta token drop needs its mean rate(s) {means} in (0, max_rate="
-                         f"{self.max_rate})")
-    if self.kind == "resolution":
-      if self.schedule:
-        raise ValueError("token drop schedule applies to kind 'constant' or 'beta', not "
-                         "'resolution'")
-      if not 1 <= self.min_tokens < self.max_tokens:
-        raise ValueError(f"resolution token drop needs 1 <= min_tokens ({self.min_tokens}) "
-                         f"< max_tokens ({self.max_tokens})")
-      if not self.resolution_std > 0:
-        raise ValueError(f"resolution_std must be > 0, got {self.resolution_std}")
-    if self.schedule and self.schedule_images < 1:
-      raise ValueError(f"schedule_images must be >= 1, got {self.schedule_images}")
+    check_config(self, prefix="token drop ")
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> TokenDropper:

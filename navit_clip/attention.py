@@ -20,12 +20,28 @@ Backends (`BACKENDS`):
 Platforms: a backend runs on its own platform, and the Pallas kernels also run on CPU in
 interpret mode (slow but exact: for tests). Anything else raises a RuntimeError naming the
 backend and the platform; no backend ever falls back to another.
+
+Meshes: the compiler cannot partition a Pallas kernel, so on a multi-device mesh it would
+gather the global q, k and v onto every device. Under the mesh that `jax.set_mesh` set, the
+Pallas backends therefore run inside `jax.shard_map` (`local_split`): each device calls the
+kernel on its own rows (split over the batch axes ("data", "fsdp")) and, with tensor
+parallelism, its own heads (split over "model", as the column-parallel q/k/v projections of
+navit_clip.sharding leave them). xla and cudnn are partitioned by the compiler (cudnn through
+its custom partitioning rule) and run as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from navit_clip.activation_sharding import BATCH_AXES
+from navit_clip.choices import check_choice
 
 BACKENDS = ("xla", "cudnn", "pallas_gpu", "splash")
 CHOICES = ("auto", *BACKENDS)
@@ -36,6 +52,7 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # interpret mode.
 _NATIVE = {"cudnn": "gpu", "pallas_gpu": "gpu", "splash": "tpu"}
 _INTERPRETED = ("pallas_gpu", "splash")
+HEAD_AXIS = "model"  # the mesh axis that splits attention heads (tensor parallelism)
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
@@ -50,8 +67,7 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
       raise ValueError(f"attention backend 'auto' knows no backend for platform "
                        f"{platform!r}; choose one of {BACKENDS}")
     return AUTO[platform]
-  if name not in BACKENDS:
-    raise ValueError(f"unknown attention backend {name!r}; choose one of {CHOICES}")
+  check_choice("attention backend", name, CHOICES)
   return name
 
 
@@ -76,6 +92,67 @@ def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *,
   if causal:
     mask &= jnp.tril(jnp.ones((q_segment_ids.shape[-1], kv_segment_ids.shape[-1]), jnp.bool_))
   return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSplit:
+  """How a Pallas kernel's inputs split over the mesh: what each device runs on.
+
+  qkv: PartitionSpec of q, k, v and the output [B, L, H, Dh] (rows, -, heads, -).
+  segments: PartitionSpec of the segment ids [B, L].
+  axes: the mesh axes the shard_map makes manual (every axis not manual already).
+  """
+
+  qkv: PartitionSpec
+  segments: PartitionSpec
+  axes: frozenset[str]
+
+
+def local_split(batch: int, heads: int) -> LocalSplit | None:
+  """The split of [batch, L, heads, Dh] inputs over the current mesh; None: run unsplit.
+
+  Rows go over the batch axes ("data", "fsdp") whose sizes divide `batch` (in that order),
+  heads over "model" when its size divides `heads`. None without a mesh, on a mesh of one
+  device, or when no axis splits anything.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  free = {a: n for a, n in mesh.shape.items() if a not in mesh.manual_axes}
+  rows, row_shards = [], 1
+  for axis in BATCH_AXES:
+    size = free.get(axis, 1)
+    if size > 1 and batch % (row_shards * size) == 0:
+      rows.append(axis)
+      row_shards *= size
+  head_shards = free.get(HEAD_AXIS, 1)
+  head_axis = HEAD_AXIS if head_shards > 1 and heads % head_shards == 0 else None
+  if not rows and head_axis is None:
+    return None
+  row_spec = tuple(rows) or None
+  return LocalSplit(PartitionSpec(row_spec, None, head_axis, None),
+                    PartitionSpec(row_spec, None), frozenset(free))
+
+
+def _on_local_shards(kernel: Callable, q, k, v, q_segment_ids, kv_segment_ids):
+  """`kernel(q, k, v, q_segment_ids, kv_segment_ids)` with each device on its own shard.
+
+  Without a split (`local_split` is None) the kernel runs on the arrays as they are. One
+  segment-id array passed twice (self-attention) reaches the kernel as one array twice.
+  """
+  split = local_split(q.shape[0], q.shape[2]) if q.ndim == 4 else None  # else: kernel says
+  if split is None:
+    return kernel(q, k, v, q_segment_ids, kv_segment_ids)
+  segments = ((q_segment_ids,) if kv_segment_ids is q_segment_ids
+              else (q_segment_ids, kv_segment_ids))
+
+  def local(q, k, v, *segments):
+    return kernel(q, k, v, segments[0], segments[-1])
+
+  in_specs = (split.qkv,) * 3 + (split.segments,) * len(segments)
+  # check_vma=False: the Pallas kernels declare no per-device variance of their outputs.
+  return jax.shard_map(local, in_specs=in_specs, out_specs=split.qkv, axis_names=split.axes,
+                       check_vma=False)(q, k, v, *segments)
 
 
 def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, causal):
@@ -120,11 +197,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array
   interpret = platform == "cpu"
   if backend == "pallas_gpu":
     from navit_clip import attention_pallas_gpu  # Pallas import only when asked for
-    return attention_pallas_gpu.pallas_gpu_attention(
-        q, k, v, q_segment_ids, kv_segment_ids, causal=causal, interpret=interpret)
-  if causal:
-    raise ValueError("causal attention is not implemented by the 'splash' backend; use "
-                     "'xla', 'cudnn' or 'pallas_gpu'")
-  from navit_clip import attention_splash  # Pallas import only when asked for
-  return attention_splash.splash_attention(q, k, v, q_segment_ids, kv_segment_ids,
-                                           interpret=interpret)
+    kernel = functools.partial(attention_pallas_gpu.pallas_gpu_attention, causal=causal,
+                               interpret=interpret)
+  else:
+    if causal:
+      raise ValueError("causal attention is not implemented by the 'splash' backend; use "
+                       "'xla', 'cudnn' or 'pallas_gpu'")
+    from navit_clip import attention_splash  # Pallas import only when asked for
+    kernel = functools.partial(attention_splash.splash_attention, interpret=interpret)
+  return _on_local_shards(kernel, q, k, v, q_segment_ids, kv_segment_ids)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from navit_clip.sharding import BATCH_AXES
+from navit_clip.activation_sharding import BATCH_AXES
 
 
 def _batch_axes(n_rows: int) -> tuple[tuple[str, ...], int]:

@@ -24,16 +24,20 @@ TOKENIZER_CORPUS = 20_000  # demo captions the tokenizer is trained on
 
 
 def demo_config(workdir: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  """configs/demo.py with `overrides`, its tokenizer trained into `workdir` if missing."""
+  """configs/demo.py with `overrides`, reading its tokenizer from `workdir`."""
   config = load_config("demo")
   apply_overrides(config, list(overrides))
-  path = os.path.join(workdir, "tokenizer.model")
+  config.data.tokenizer.path = os.path.join(workdir, "tokenizer.model")
+  return config
+
+
+def train_demo_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """Trains the tokenizer on demo captions into config.data.tokenizer.path if missing."""
+  path = config.data.tokenizer.path
   if not os.path.exists(path):
     train_tokenizer(demo_data.caption_corpus(TOKENIZER_CORPUS, config.data.source_seed),
                     config.model.text.vocab_size, path,
                     lowercase=config.data.tokenizer.lowercase)
-  config.data.tokenizer.path = path
-  return config
 
 
 def zero_shot_report(model, config: ml_collections.ConfigDict) -> dict[str, dict]:
@@ -42,11 +46,11 @@ def zero_shot_report(model, config: ml_collections.ConfigDict) -> dict[str, dict
   return run_all(model, config, names)
 
 
-def run_demo(workdir: str, overrides: list[str] = ()) -> dict[str, dict]:
-  """Runs the whole demo in `workdir`; returns and prints the zero-shot report."""
+def run_demo(workdir: str, config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """Runs the demo of `config` (`demo_config`) in `workdir`; prints and returns the report."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  config = demo_config(workdir, overrides)
+  train_demo_tokenizer(config)
   result = train(config, workdir)
   train_s = time.time() - t0
   report = zero_shot_report(result.model, config)

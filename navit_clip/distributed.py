@@ -15,11 +15,38 @@ of every batch (navit_clip.sharding.global_batch).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+
+from navit_clip.choices import check_choice
+
+log = logging.getLogger(__name__)
+
+INITIALIZE_MODES = ("auto", "yes", "no")
+
+
+def check_config(c: Mapping[str, Any]) -> None:
+  """Checks `c` = config.distributed; raises ValueError naming the key."""
+  check_choice("config.distributed.initialize", c["initialize"], INITIALIZE_MODES)
+  if c["coordinator"] and not 0 <= c["process_id"] < c["num_processes"]:
+    raise ValueError(f"config.distributed.coordinator = {c['coordinator']!r} needs "
+                     "num_processes >= 1 and 0 <= process_id < num_processes, got "
+                     f"{c['num_processes']}, {c['process_id']}")
+
+
+def data_share(data: Mapping[str, Any]) -> dict[str, int]:
+  """This process's share of the training records: {"process_index", "process_count"}.
+
+  The JAX process among all when `data` = config.data has shard_by_process, else the whole
+  (0 of 1): every process reads the same records. For `navit_clip.data.pipeline`.
+  """
+  if data["shard_by_process"]:
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  return {"process_index": 0, "process_count": 1}
 
 
 def cluster_environment(env: Mapping[str, str] | None = None) -> str | None:
@@ -42,10 +69,8 @@ def initialize(c: Mapping[str, Any]) -> bool:
   """
   if jax.distributed.is_initialized():
     return True
+  check_config(c)
   mode = c["initialize"]
-  if mode not in ("auto", "yes", "no"):
-    raise ValueError(f"config.distributed.initialize = {mode!r}; expected 'auto', 'yes' or "
-                     "'no'")
   if c["coordinator"]:
     kwargs = dict(coordinator_address=c["coordinator"], num_processes=c["num_processes"],
                   process_id=c["process_id"])
@@ -55,6 +80,6 @@ def initialize(c: Mapping[str, Any]) -> bool:
     return False
   jax.config.update("jax_cpu_collectives_implementation", c["cpu_collectives"])
   jax.distributed.initialize(**kwargs)
-  print(f"process {jax.process_index()} of {jax.process_count()}, "
-        f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
+  log.info("process %d of %d, %d of %d devices", jax.process_index(), jax.process_count(),
+           jax.local_device_count(), jax.device_count())
   return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import sys
@@ -33,6 +34,8 @@ from navit_clip.evaluate.inference_batches import Skipped, inference_batches
 from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
 from navit_clip.text.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 DTYPES = ("float32", "float16")
 CHUNK = 4096  # inputs per resumable chunk
 
@@ -47,6 +50,7 @@ class Progress:
     self.label, self.total, self.enabled = label, total, enabled
     self.t0 = self._last = time.perf_counter()
     self.done = self.skipped = 0
+    self._drawn = False  # the bar's line is open on stderr
 
   def update(self, done: int, skipped: int, force: bool = False) -> None:
     self.done, self.skipped = done, skipped
@@ -59,11 +63,17 @@ class Progress:
     filled = int(width * done / max(self.total, 1))
     print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
           f"{rate:.1f}/s skipped {skipped}", end="", file=sys.stderr, flush=True)
+    self._drawn = True
+
+  def end_line(self) -> None:
+    """Ends the bar's line, so that a log message starts on a line of its own."""
+    if self._drawn:
+      print(file=sys.stderr, flush=True)
+      self._drawn = False
 
   def close(self) -> None:
     self.update(self.done, self.skipped, force=True)
-    if self.enabled:
-      print(file=sys.stderr, flush=True)
+    self.end_line()
 
 
 def output_paths(out: str) -> dict[str, str]:
@@ -189,6 +199,7 @@ def export_image_embeddings(embedder: Embedder, config: ml_collections.ConfigDic
     skipped: list[Skipped] = []
     batches = inference_batches(source, spec, sampler, start=start, stop=stop,
                                 num_workers=num_workers, limits=decode_limits(config),
+                                resample=policy.resample, draft=policy.draft,
                                 skipped=skipped)
     first = next(batches, None)
     ids = np.zeros((0,), np.int64)
@@ -200,8 +211,10 @@ def export_image_embeddings(embedder: Embedder, config: ml_collections.ConfigDic
     meta = [_describe(source, int(i) - offset, int(i)) for i in ids]
     bad = [dict(_describe(source, s.example_id - offset, s.example_id), reason=s.reason)
            for s in skipped]
+    if bad:
+      bar.end_line()
     for b in bad:
-      print(f"\nskipped {b.get('path', b.get('id'))}: {b['reason']}", file=sys.stderr)
+      log.warning("skipped %s: %s", b.get("path", b.get("id")), b["reason"])
     return emb, meta, bad
 
   return run_chunks(len(source), compute, out, dtype=dtype, chunk=chunk, progress=bar)

@@ -1,11 +1,13 @@
 """The NaViT image tower: packed patch sequences in, one embedding per image slot out.
 
 uint8 patches [B, L, P*P*C] are normalised on device (x / 127.5 - 1), embedded by a Dense
-layer, given a factorized position embedding, run through pre-LN blocks whose attention is
-masked by segment id (no attention across images, padding apart), and pooled per image slot
-(MAP head or masked mean). Slot k of a row holds the image with segment id k + 1; slots that
-`image_mask` marks empty come out as zeros, so they carry neither values nor gradients.
-Parameters are float32; `dtype` is the compute dtype.
+layer, given a 2-D position embedding (navit_clip.posemb), run through pre-LN blocks whose
+attention is masked by segment id (no attention across images, padding apart), and pooled
+per image slot (MAP head or masked mean). Slot k of a row holds the image with segment id
+k + 1; slots that `image_mask` marks empty come out as zeros, so they carry neither values
+nor gradients.
+Parameters are float32; `dtype` is the compute dtype (a jnp dtype or its name, see
+`navit_clip.layers.compute_dtype`).
 """
 
 from __future__ import annotations
@@ -16,33 +18,54 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.typing import DTypeLike
 
+from navit_clip.activation_sharding import constrain_batch
+from navit_clip.attention import CHOICES as ATTENTION_CHOICES
 from navit_clip.attention import resolve_backend
-from navit_clip.layers import Encoder, MAPHead, dense
-from navit_clip.posemb import FactorizedPosEmb
-from navit_clip.sharding import constrain_batch
-from navit_clip.variants import parse_variant
+from navit_clip.choices import check_choice, check_range, naming
+from navit_clip.layers import (COMPUTE_DTYPES, REMAT, Encoder, MAPHead, compute_dtype, dense,
+                               segment_mean)
+from navit_clip.posemb import COORDS as POSEMB_COORDS
+from navit_clip.posemb import KINDS as POSEMB_KINDS
+from navit_clip.posemb import position_embedding
+from navit_clip.variants import Size, parse_variant
 
 POOLS = ("map", "mean")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def normalize_patches(patches: jax.Array, dtype=jnp.float32) -> jax.Array:
+def _patched_variant(key: str, variant: str) -> tuple[Size, int]:
+  """(size, patch size) of an image tower variant such as "B/16"; `key` names it in errors."""
+  with naming(key, variant):
+    size, patch = parse_variant(variant)
+  if patch is None:
+    raise ValueError(f"{key} = {variant!r} needs a patch size, e.g. 'B/16'")
+  return size, patch
+
+
+def check_config(image: ml_collections.ConfigDict) -> None:
+  """Checks config.model.image, the keys `ImageTower.from_config` reads.
+
+  Raises:
+    ValueError: naming the key ("config.model.image.posemb = ...") and what it must be.
+  """
+  key = "config.model.image"
+  _patched_variant(f"{key}.variant", image.variant)
+  check_range(f"{key}.channels", image.channels, 1)
+  check_choice(f"{key}.posemb", image.posemb, POSEMB_KINDS)
+  check_choice(f"{key}.posemb_coords", image.posemb_coords, POSEMB_COORDS)
+  check_range(f"{key}.posemb_resolution", image.posemb_resolution, 1)
+  check_choice(f"{key}.pool", image.pool, POOLS)
+  check_choice(f"{key}.dtype", image.dtype, COMPUTE_DTYPES)
+  check_choice(f"{key}.remat", image.remat, REMAT)
+  check_choice(f"{key}.attention", image.attention, ATTENTION_CHOICES)
+
+
+def normalize_patches(patches: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
   """uint8 pixels [..., P*P*C] -> `dtype` values in [-1, 1]."""
   if patches.dtype != jnp.uint8:
     raise ValueError(f"patches must be uint8 pixels, got {patches.dtype}")
   return patches.astype(dtype) / 127.5 - 1.0
-
-
-def mean_pool(tokens: jax.Array, segment_ids: jax.Array, max_images: int) -> jax.Array:
-  """Mean of each segment's tokens. [B, L, D], int32 [B, L] -> float32 [B, M, D].
-
-  Slot k averages the tokens with segment id k + 1; an empty slot gives zeros.
-  """
-  onehot = jax.nn.one_hot(segment_ids - 1, max_images, dtype=jnp.float32)  # id 0 -> zeros
-  sums = jnp.einsum("blm,bld->bmd", onehot, tokens.astype(jnp.float32))
-  counts = onehot.sum(axis=1)[..., None]
-  return sums / jnp.maximum(counts, 1.0)
 
 
 class ImageTower(nnx.Module):
@@ -57,21 +80,16 @@ class ImageTower(nnx.Module):
   def __init__(self, *, variant: str = "S/16", channels: int = 3, posemb: str = "learned",
                posemb_coords: str = "fractional", posemb_resolution: int = 64,
                qk_norm: bool = True, use_bias: bool = False, pool: str = "map",
-               dtype: str = "float32", remat: str = "none", scan_layers: bool = False,
+               dtype: DTypeLike = jnp.float32, remat: str = "none", scan_layers: bool = False,
                attention: str = "xla", rngs: nnx.Rngs):
-    size, patch = parse_variant(variant)
-    if patch is None:
-      raise ValueError(f"image tower variant {variant!r} needs a patch size, e.g. 'S/16'")
-    if pool not in POOLS:
-      raise ValueError(f"unknown image pooling {pool!r}; choose one of {POOLS}")
-    if dtype not in DTYPES:
-      raise ValueError(f"unknown compute dtype {dtype!r}; choose one of {list(DTYPES)}")
+    size, patch = _patched_variant("image tower variant", variant)
+    check_choice("image pooling", pool, POOLS)
     self.patch_size, self.channels, self.width = patch, channels, size.width
-    self.dtype = DTYPES[dtype]
+    self.dtype = compute_dtype(dtype)
     self.embedding = dense(patch * patch * channels, size.width, use_bias=use_bias,
                            dtype=self.dtype, rngs=rngs)
-    self.posemb = FactorizedPosEmb(size.width, kind=posemb, coords=posemb_coords,
-                                   resolution=posemb_resolution, rngs=rngs)
+    self.posemb = position_embedding(size.width, kind=posemb, coords=posemb_coords,
+                                     resolution=posemb_resolution, rngs=rngs)
     self.encoder = Encoder(size.width, size.depth, size.mlp_dim, size.num_heads,
                            qk_norm=qk_norm, use_bias=use_bias, dtype=self.dtype,
                            backend=resolve_backend(attention), scan_layers=scan_layers,
@@ -82,7 +100,8 @@ class ImageTower(nnx.Module):
 
   @classmethod
   def from_config(cls, image: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> ImageTower:
-    """Builds the tower from `config.model.image` (see navit_clip.config)."""
+    """Builds the tower from `config.model.image` (checked by `check_config`)."""
+    check_config(image)
     return cls(variant=image.variant, channels=image.channels, posemb=image.posemb,
                posemb_coords=image.posemb_coords, posemb_resolution=image.posemb_resolution,
                qk_norm=image.qk_norm, use_bias=image.use_bias, pool=image.pool,
@@ -114,7 +133,7 @@ class ImageTower(nnx.Module):
     if self.head is not None:
       pooled = self.head(tokens, segment_ids, max_images).astype(jnp.float32)
     else:
-      pooled = mean_pool(tokens, segment_ids, max_images)
+      pooled = segment_mean(tokens, segment_ids, max_images)
     return jnp.where(image_mask[..., None], pooled, 0.0)
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

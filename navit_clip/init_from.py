@@ -25,6 +25,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from navit_clip.checkpoint import Checkpointer, restore_params
+from navit_clip.choices import check_range
 from navit_clip.param_rules import flatten_names
 
 
@@ -38,6 +39,13 @@ def parse_mapping(spec: str) -> list[tuple[str, str]]:
     raise ValueError(f"config.init.params = {spec!r} names no parameters; e.g. 'image' or "
                      "'image->image'")
   return rules
+
+
+def check_config(init: ml_collections.ConfigDict) -> None:
+  """Checks config.init (its params only when a checkpoint is named); ValueError names the key."""
+  check_range("config.init.step", init.step, -1)
+  if init.checkpoint:
+    parse_mapping(init.params)
 
 
 def _under(name: str, prefix: str) -> str | None:

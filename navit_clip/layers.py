@@ -2,7 +2,9 @@
 
 Pre-LN encoder blocks with optional QK-normalisation and bias removal (ViT-22B), a stack of
 them (optionally scanned and rematerialised), and a multi-head attention-pooling (MAP) head
-that pools each segment separately. Parameters are float32; `dtype` is the compute dtype.
+that pools each segment separately, and the masked mean over segments. Parameters are
+float32; `dtype` is the compute dtype, a jnp.dtype that `compute_dtype` checked (the towers
+call it once on the dtype-like they are given, e.g. a config string).
 """
 
 from __future__ import annotations
@@ -10,18 +12,47 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from navit_clip.attention import attention
+from navit_clip.choices import check_choice
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
 _kernel_init = nnx.initializers.xavier_uniform()
 
 
-def dense(din: int, dout: int, *, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
+  """`dtype` (jnp.bfloat16, "bfloat16", ...) as a jnp.dtype; one of COMPUTE_DTYPES."""
+  out = jnp.dtype(dtype)
+  check_choice("compute dtype", out.name, COMPUTE_DTYPES)
+  return out
+
+
+def segment_mean(x: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Mean of each segment's tokens, summed in float32.
+
+  Args:
+    x: tokens [B, L, D], any float dtype.
+    segment_ids: int32 [B, L]; 0 is padding, k in 1..num_segments the k-th segment.
+    num_segments: S, the slots of the output.
+  Returns:
+    float32 [B, S, D]: slot k averages the tokens with segment id k + 1; an empty slot
+    gives zeros.
+  """
+  onehot = jax.nn.one_hot(segment_ids - 1, num_segments, dtype=jnp.float32)  # id 0 -> zeros
+  sums = jnp.einsum("bls,bld->bsd", onehot, x.astype(jnp.float32))
+  counts = onehot.sum(axis=1)[..., None]
+  return sums / jnp.maximum(counts, 1.0)
+
+
+def dense(din: int, dout: int, *, use_bias: bool, dtype: jnp.dtype,
+          rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=_kernel_init, rngs=rngs)
 
 
-def layer_norm(dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, *, use_bias: bool, dtype: jnp.dtype,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(dim, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                        rngs=rngs)
 
@@ -33,8 +64,8 @@ class MultiHeadAttention(nnx.Module):
   `causal` also hides keys after each query's position (see navit_clip.attention).
   """
 
-  def __init__(self, width: int, num_heads: int, *, qk_norm: bool, use_bias: bool, dtype,
-               backend: str, rngs: nnx.Rngs, causal: bool = False):
+  def __init__(self, width: int, num_heads: int, *, qk_norm: bool, use_bias: bool,
+               dtype: jnp.dtype, backend: str, rngs: nnx.Rngs, causal: bool = False):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     self.num_heads, self.head_dim, self.backend = num_heads, width // num_heads, backend
@@ -67,7 +98,8 @@ class MultiHeadAttention(nnx.Module):
 class Mlp(nnx.Module):
   """Dense -> GELU -> Dense. [..., D] -> [..., D]."""
 
-  def __init__(self, width: int, mlp_dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, mlp_dim: int, *, use_bias: bool, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
     self.fc1 = dense(width, mlp_dim, use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.fc2 = dense(mlp_dim, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
@@ -79,7 +111,8 @@ class EncoderBlock(nnx.Module):
   """Pre-LN block: x + Attn(LN(x)), then + MLP(LN(x)). [B, L, D] -> [B, L, D]."""
 
   def __init__(self, width: int, mlp_dim: int, num_heads: int, *, qk_norm: bool,
-               use_bias: bool, dtype, backend: str, rngs: nnx.Rngs, causal: bool = False):
+               use_bias: bool, dtype: jnp.dtype, backend: str, rngs: nnx.Rngs,
+               causal: bool = False):
     self.norm1 = layer_norm(width, use_bias=use_bias, dtype=dtype, rngs=rngs)
     self.attn = MultiHeadAttention(width, num_heads, qk_norm=qk_norm, use_bias=use_bias,
                                    dtype=dtype, backend=backend, rngs=rngs, causal=causal)
@@ -95,6 +128,7 @@ REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep Dense outputs
 }
+REMAT = ("none", *REMAT_POLICIES)  # the choices of Encoder's `remat`
 
 
 def _apply_block(block: EncoderBlock, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -112,13 +146,11 @@ class Encoder(nnx.Module):
   """
 
   def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, qk_norm: bool,
-               use_bias: bool, dtype, backend: str, scan_layers: bool = False,
+               use_bias: bool, dtype: jnp.dtype, backend: str, scan_layers: bool = False,
                remat: str = "none", causal: bool = False, rngs: nnx.Rngs):
     if depth < 1:
       raise ValueError(f"encoder depth must be >= 1, got {depth}")
-    if remat != "none" and remat not in REMAT_POLICIES:
-      raise ValueError(f"unknown remat {remat!r}; choose one of "
-                       f"{['none', *REMAT_POLICIES]}")
+    check_choice("encoder remat", remat, REMAT)
 
     def make_block(rngs: nnx.Rngs) -> EncoderBlock:
       return EncoderBlock(width, mlp_dim, num_heads, qk_norm=qk_norm, use_bias=use_bias,
@@ -154,7 +186,7 @@ class MAPHead(nnx.Module):
   """
 
   def __init__(self, width: int, mlp_dim: int, num_heads: int, *, qk_norm: bool,
-               use_bias: bool, dtype, rngs: nnx.Rngs):
+               use_bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.probe = nnx.Param(_kernel_init(rngs.params(), (1, width), jnp.float32))
     self.attn = MultiHeadAttention(width, num_heads, qk_norm=qk_norm, use_bias=use_bias,
                                    dtype=dtype, backend="xla", rngs=rngs)
@@ -164,7 +196,7 @@ class MAPHead(nnx.Module):
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array, max_segments: int) -> jax.Array:
     b = x.shape[0]
-    probes = jnp.broadcast_to(self.probe[...].astype(self.dtype or x.dtype),
+    probes = jnp.broadcast_to(self.probe[...].astype(self.dtype),
                               (b, max_segments, x.shape[-1]))
     probe_ids = jnp.broadcast_to(jnp.arange(1, max_segments + 1, dtype=jnp.int32),
                                  (b, max_segments))

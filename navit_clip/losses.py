@@ -14,25 +14,41 @@ optional bias b: logits_ij = t * <img_i, txt_j> + b, and caption j belongs to im
 Logits and losses are float32 whatever the input dtype. Every loss returns
 (loss, metrics): a float32 scalar and a dict of float32 scalars.
 
-With `chunked=True` (names "sigmoid_chunked" / "softmax_chunked" in `contrastive_loss`) a
-contrastive loss runs across the devices of the current mesh without the global [N, N]
-logits (navit_clip.chunked_loss): the same value and gradients, less memory.
+`contrastive_loss_fn(name, chunked=...)` and `classification_loss_fn(name)` choose a loss
+once, when the model is built (the model holds it). With `chunked=True` a contrastive loss
+runs across the devices of the current mesh without the global [N, N] logits
+(navit_clip.chunked_loss): the same value and gradients, less memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from navit_clip import chunked_loss
+from navit_clip.choices import check_choice, check_range
 
 CONTRASTIVE_LOSSES = ("sigmoid", "softmax")
 CLASSIFICATION_LOSSES = ("sigmoid_xent", "softmax_xent")
 LOSSES = CONTRASTIVE_LOSSES + CLASSIFICATION_LOSSES
-CHUNKED_SUFFIX = "_chunked"  # "sigmoid_chunked": the sigmoid loss, chunked across devices
+
+
+def check_config(loss: ml_collections.ConfigDict) -> None:
+  """Checks config.loss; raises ValueError naming the key."""
+  check_choice("config.loss.name", loss.name, LOSSES)
+  if loss.chunked and loss.name not in CONTRASTIVE_LOSSES:
+    raise ValueError(f"config.loss.chunked applies to the contrastive losses "
+                     f"{list(CONTRASTIVE_LOSSES)}, not {loss.name!r}")
+  if loss.init_t is not None:
+    check_range("config.loss.init_t", loss.init_t, 0.0, low_open=True)
+  if loss.init_b is not None and loss.name != "sigmoid":
+    raise ValueError(f"config.loss.init_b = {loss.init_b} is set but loss {loss.name!r} "
+                     "has no bias")
 
 # Initial temperature t and bias b of each contrastive loss (SigLIP; CLIP has no bias).
 _INIT_T = {"sigmoid": 10.0, "softmax": 1.0 / 0.07}
@@ -79,6 +95,15 @@ def _flat_valid(x: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(v.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros((), x.dtype))
 
 
+def _flat_pair(valid: jax.Array, a_name: str, a: jax.Array, b_name: str,
+               b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[B, M, D] `a` and `b` of one shape -> float32 [N, D] each, zero in empty slots."""
+  if a.shape != b.shape:
+    raise ValueError(f"{a_name} and {b_name} differ in shape: {list(a.shape)} vs "
+                     f"{list(b.shape)}")
+  return _flat_valid(a.astype(jnp.float32), valid), _flat_valid(b.astype(jnp.float32), valid)
+
+
 def _scalar(name: str, x: jax.Array) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   if x.size != 1:
@@ -100,11 +125,7 @@ def _contrastive_inputs(img, txt, valid, logit_scale, logit_bias):
   """
   _check_valid(valid, "img", img, 1)
   _check_valid(valid, "txt", txt, 1)
-  if img.shape != txt.shape:
-    raise ValueError(f"img and txt embeddings differ in shape: {list(img.shape)} vs "
-                     f"{list(txt.shape)}")
-  x = _flat_valid(img.astype(jnp.float32), valid)
-  y = _flat_valid(txt.astype(jnp.float32), valid)
+  x, y = _flat_pair(valid, "img", img, "txt embeddings", txt)
   t = jnp.exp(_scalar("logit_scale", logit_scale))
   metrics = {"t": t}
   b = None
@@ -190,11 +211,7 @@ def sigmoid_xent_loss(logits: jax.Array, labels: jax.Array,
     the top-1 class is a positive) and "n_valid".
   """
   _check_valid(valid, "logits", logits, 1)
-  if labels.shape != logits.shape:
-    raise ValueError(f"multi-hot labels must match logits {list(logits.shape)}, got "
-                     f"{list(labels.shape)}")
-  x = _flat_valid(logits.astype(jnp.float32), valid)
-  y = _flat_valid(labels.astype(jnp.float32), valid)
+  x, y = _flat_pair(valid, "logits", logits, "multi-hot labels", labels)
   v = valid.reshape(-1)
   nll = -(y * jax.nn.log_sigmoid(x) + (1.0 - y) * jax.nn.log_sigmoid(-x))
   loss, n = _masked_mean(jnp.sum(nll, axis=1), v)
@@ -230,38 +247,40 @@ def softmax_xent_loss(logits: jax.Array, labels: jax.Array,
   return loss, {"accuracy": accuracy, "n_valid": n}
 
 
-_CONTRASTIVE: dict[str, Callable] = {"sigmoid": sigmoid_loss, "softmax": softmax_loss}
-_CLASSIFICATION: dict[str, Callable] = {"sigmoid_xent": sigmoid_xent_loss,
-                                        "softmax_xent": softmax_xent_loss}
+# A loss chosen at build time: contrastive (img, txt, valid, logit_scale, logit_bias=None)
+# or classification (logits, labels, valid) -> (loss, metrics).
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+# Every contrastive loss, dense and chunked, built once: the same choice gives the same
+# function object (so a model holding it equals its rebuild).
+_CONTRASTIVE: dict[tuple[str, bool], LossFn] = {
+    (name, chunked): functools.partial(fn, chunked=chunked)
+    for name, fn in (("sigmoid", sigmoid_loss), ("softmax", softmax_loss))
+    for chunked in (False, True)}
+_CLASSIFICATION: dict[str, LossFn] = {"sigmoid_xent": sigmoid_xent_loss,
+                                      "softmax_xent": softmax_xent_loss}
 
 
-def contrastive_loss(name: str, img: jax.Array, txt: jax.Array, valid: jax.Array,
-                     logit_scale: jax.Array,
-                     logit_bias: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """The contrastive loss called `name`; see `sigmoid_loss`.
+def contrastive_loss_fn(name: str, *, chunked: bool = False) -> LossFn:
+  """The contrastive loss `name` ("sigmoid" | "softmax"), dense or chunked.
 
-  "sigmoid" | "softmax" build the global logits; "sigmoid_chunked" | "softmax_chunked"
-  (see `chunked_name`) compute the same loss across the devices of the current mesh.
+  Returns `sigmoid_loss` or `softmax_loss` with `chunked` bound: (img, txt, valid,
+  logit_scale, logit_bias=None) -> (loss, metrics). Chunked, it computes the same loss
+  across the devices of the mesh set when it is traced (`jax.set_mesh`).
   """
-  base = name.removesuffix(CHUNKED_SUFFIX)
-  if base not in _CONTRASTIVE:
+  if name not in CONTRASTIVE_LOSSES:
     raise ValueError(f"unknown contrastive loss {name!r}; expected one of "
-                     f"{list(_CONTRASTIVE)}, optionally with the suffix {CHUNKED_SUFFIX!r}")
-  return _CONTRASTIVE[base](img, txt, valid, logit_scale, logit_bias, chunked=base != name)
+                     f"{list(CONTRASTIVE_LOSSES)}")
+  return _CONTRASTIVE[name, bool(chunked)]
 
 
-def chunked_name(name: str) -> str:
-  """The `contrastive_loss` name of loss `name` chunked across devices."""
-  if name not in _CONTRASTIVE:
-    raise ValueError(f"only the contrastive losses {list(_CONTRASTIVE)} can be chunked, "
-                     f"got {name!r}")
-  return name + CHUNKED_SUFFIX
+def classification_loss_fn(name: str) -> LossFn:
+  """The classification loss `name` ("sigmoid_xent" | "softmax_xent").
 
-
-def classification_loss(name: str, logits: jax.Array, labels: jax.Array,
-                        valid: jax.Array) -> tuple[jax.Array, dict]:
-  """The classification loss called `name` ("sigmoid_xent" | "softmax_xent")."""
+  Returns `sigmoid_xent_loss` or `softmax_xent_loss`: (logits, labels, valid) ->
+  (loss, metrics).
+  """
   if name not in _CLASSIFICATION:
     raise ValueError(f"unknown classification loss {name!r}; expected one of "
                      f"{list(_CLASSIFICATION)}")
-  return _CLASSIFICATION[name](logits, labels, valid)
+  return _CLASSIFICATION[name]

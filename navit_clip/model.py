@@ -14,10 +14,20 @@ import ml_collections
 from flax import nnx
 
 from navit_clip import losses
+from navit_clip.choices import check_choice
 from navit_clip.image_tower import ImageTower
 from navit_clip.text.tower import TextTower
 
 TASKS = ("contrastive", "classification")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks config.task and config.model.num_classes, the model's own keys (the towers
+  check config.model.image / .text); raises ValueError naming the key."""
+  check_choice("config.task", config.task, TASKS)
+  if config.task == "classification" and config.model.num_classes < 1:
+    raise ValueError(f"config.model.num_classes = {config.model.num_classes} must be >= 1 "
+                     "for classification")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -34,7 +44,8 @@ class TwoTower(nnx.Module):
   """Image tower + text tower in one joint space, with the learned logit scale and bias.
 
   logits_ij = exp(logit_scale) * <zimg_i, ztxt_j> + logit_bias. The text tower projects to
-  the image tower's width, which is the joint embedding dimension.
+  the image tower's width, which is the joint embedding dimension. `loss` is the contrastive
+  loss that config.loss chose (name, chunked), fixed when the model is built.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -44,6 +55,7 @@ class TwoTower(nnx.Module):
     self.logit_scale = nnx.Param(jnp.asarray(t, jnp.float32))
     self.logit_bias = nnx.Param(jnp.asarray(0.0 if b is None else b, jnp.float32))
     self.has_bias = b is not None
+    self.loss_fn = losses.contrastive_loss_fn(config.loss.name, chunked=config.loss.chunked)
 
   def embed_images(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Packed batch -> (L2-normalised float32 [B, M, D], image_mask bool [B, M])."""
@@ -59,14 +71,18 @@ class TwoTower(nnx.Module):
     zimg, mask = self.embed_images(batch)
     return zimg, self.embed_texts(batch["text_tokens"]), mask
 
-  def loss(self, batch: Mapping[str, jax.Array], name: str) -> tuple[jax.Array, dict]:
+  def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """Packed batch -> (float32 loss [], metrics of float32 scalars) of `loss_fn`."""
     zimg, ztxt, mask = self(batch)
     bias = self.logit_bias[...] if self.has_bias else None
-    return losses.contrastive_loss(name, zimg, ztxt, mask, self.logit_scale[...], bias)
+    return self.loss_fn(zimg, ztxt, mask, self.logit_scale[...], bias)
 
 
 class Classifier(nnx.Module):
-  """Image tower + a Dense head: packed batch -> logits float32 [B, M, K]."""
+  """Image tower + a Dense head: packed batch -> logits float32 [B, M, K].
+
+  `loss` is the classification loss config.loss.name, fixed when the model is built.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.image = ImageTower.from_config(config.model.image, rngs=rngs)
@@ -76,14 +92,16 @@ class Classifier(nnx.Module):
     self.head = nnx.Linear(self.image.width, k, kernel_init=nnx.initializers.zeros_init(),
                            bias_init=nnx.initializers.constant(config.model.head_bias_init),
                            param_dtype=jnp.float32, rngs=rngs)
+    self.loss_fn = losses.classification_loss_fn(config.loss.name)
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     emb, mask = self.image(batch)
     return self.head(emb).astype(jnp.float32), mask
 
-  def loss(self, batch: Mapping[str, jax.Array], name: str) -> tuple[jax.Array, dict]:
+  def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """Packed batch with labels -> (float32 loss [], metrics of float32 scalars)."""
     logits, mask = self(batch)
-    return losses.classification_loss(name, logits, batch["labels"], mask)
+    return self.loss_fn(logits, batch["labels"], mask)
 
 
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> TwoTower | Classifier:

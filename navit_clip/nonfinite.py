@@ -11,16 +11,22 @@ There, config.train.nonfinite decides:
   "stop": raise FloatingPointError naming the bad steps and the last checkpoint. Since
           the check runs before every save, no checkpoint ever holds a state from after a
           non-finite step, so the latest checkpoint is the last good one;
-  "skip": print a warning and go on; the bad steps' updates were never applied, and the
+  "skip": log a warning and go on; the bad steps' updates were never applied, and the
           count of skipped steps is logged as `nonfinite_steps`.
 """
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
-MODES = ("stop", "skip")
+from navit_clip.choices import check_choice
+
+log = logging.getLogger(__name__)
+
+MODES = ("stop", "skip")  # the choices of config.train.nonfinite
 
 
 def keep_if_finite(loss: jax.Array, grad_norm: jax.Array, new, old):
@@ -47,8 +53,7 @@ class NonfiniteMonitor:
   """
 
   def __init__(self, mode: str, checkpoints):
-    if mode not in MODES:
-      raise ValueError(f"config.train.nonfinite = {mode!r}; expected one of {list(MODES)}")
+    check_choice("config.train.nonfinite", mode, MODES)
     self.mode = mode
     self.losses: list[float] = []
     self.skipped = 0
@@ -81,5 +86,5 @@ class NonfiniteMonitor:
           f"non-finite loss or gradients at {where} (loss {float(loss[steps.index(bad[0])])});"
           f" those updates were not applied. Last good checkpoint: {good}. Set "
           f"config.train.nonfinite = 'skip' to skip such steps instead.")
-    print(f"warning: non-finite loss or gradients at {where}; skipped those updates "
-          f"({self.skipped} skipped so far)", flush=True)
+    log.warning("non-finite loss or gradients at %s; skipped those updates (%d skipped so "
+                "far)", where, self.skipped)

@@ -5,8 +5,10 @@ Parameters are named by their path in the parameter pytree, joined with "/", e.g
 these names, matched against the whole name (`re.fullmatch`), choose:
   - weight decay: `wd_regex` (default: every "kernel");
   - learning-rate multipliers: `lr_mults`, "regex=mult;regex=mult", the first rule that
-    matches a name wins, unmatched names get 1. Multiplier 0 freezes a parameter: its update
-    is zero and it holds no optimizer state (LiT freezes the image tower this way).
+    matches a name wins, unmatched names get 1. Multiplier 0 freezes a parameter
+    (`frozen_mask`): the trainer splits the frozen parameters off (`split_frozen`) and
+    neither differentiates them nor gives them to the optimizer, so they get no update, no
+    backward pass and no optimizer state (LiT freezes the image tower this way).
 
 Per trainable parameter p with gradient g, one optimizer step is
   g <- clip(g)   (global norm over the trainable parameters, if clip_norm > 0)
@@ -26,12 +28,38 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
+
+from navit_clip.choices import check_choice, check_range, naming
 from navit_clip.param_rules import first_match, flatten_names, split_rules
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 
-_TRAIN, _FROZEN = "train", "frozen"
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Checks `c` = config.optim; raises ValueError naming the key.
+
+  That the regexes of wd_regex and lr_mults match some parameter is checked where the
+  parameters are known (`make_optimizer`).
+  """
+  check_choice("config.optim.name", c.name, OPTIMIZERS)
+  check_choice("config.optim.schedule", c.schedule, SCHEDULES)
+  for key in ("lr", "eps"):
+    check_range(f"config.optim.{key}", c[key], 0.0, low_open=True)
+  for key in ("rsqrt_timescale", "grad_accum_steps"):
+    check_range(f"config.optim.{key}", c[key], 1)
+  for key in ("warmup_steps", "cooldown_steps", "weight_decay", "clip_norm"):
+    check_range(f"config.optim.{key}", c[key], 0)
+  for key in ("b1", "b2"):
+    check_range(f"config.optim.{key}", c[key], 0.0, 1.0, high_open=True)
+  check_range("config.optim.end_lr_factor", c.end_lr_factor, 0.0, 1.0)
+  try:
+    re.compile(c.wd_regex)
+  except re.error as e:
+    raise ValueError(f"config.optim.wd_regex = {c.wd_regex!r} is not a regex: {e}") from e
+  with naming("config.optim.lr_mults", c.lr_mults):
+    parse_lr_mults(c.lr_mults)
 
 
 def parse_lr_mults(spec: str) -> list[tuple[str, float]]:
@@ -51,14 +79,49 @@ def parse_lr_mults(spec: str) -> list[tuple[str, float]]:
   return rules
 
 
+def _lr_rules(c: ml_collections.ConfigDict, params: Any) -> list[tuple[str, float]]:
+  """config.optim.lr_mults parsed, each regex checked to match some parameter of `params`."""
+  rules = parse_lr_mults(c.lr_mults)
+  names = jax.tree.leaves(flatten_names(params))
+  for pattern, _ in rules:
+    if not any(re.fullmatch(pattern, n) for n in names):
+      raise ValueError(f"config.optim.lr_mults regex {pattern!r} matches no parameter; "
+                       f"names look like {names[:3]}")
+  return rules
+
+
 def _multiplier(name: str, rules: list[tuple[str, float]]) -> float:
   return first_match(name, rules, 1.0)
 
 
 def frozen_mask(c: ml_collections.ConfigDict, params: Any) -> Any:
   """Pytree of bools like `params`: True where config.optim.lr_mults freezes the parameter."""
-  rules = parse_lr_mults(c.lr_mults)
+  rules = _lr_rules(c, params)
   return jax.tree.map(lambda n: _multiplier(n, rules) == 0, flatten_names(params))
+
+
+def split_frozen(params: dict, frozen: Any) -> tuple[dict, dict]:
+  """(trainable, frozen): nested dicts of the leaves of `params` where `frozen` is False / True.
+
+  Args:
+    params: a nested dict of parameters (nnx.to_pure_dict), arrays or abstract arrays.
+    frozen: bools with the structure of `params` (`frozen_mask`).
+
+  Returns:
+    Two nested dicts that keep each leaf at its path in `params`; either may be {}.
+    `merge_params` puts them back together.
+  """
+  mask = traverse_util.flatten_dict(frozen)
+  parts: tuple[dict, dict] = ({}, {})
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    parts[bool(mask[path])][path] = leaf
+  return traverse_util.unflatten_dict(parts[0]), traverse_util.unflatten_dict(parts[1])
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+  """The parameter dict that `split_frozen` split into `trainable` and `frozen`."""
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(trainable),
+                                       **traverse_util.flatten_dict(frozen)})
 
 
 def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -123,14 +186,29 @@ def _direction(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 
 def _scale_by_multipliers(rules: list[tuple[str, float]]) -> optax.GradientTransformation:
-  """Multiplies each update by its name's lr multiplier (stateless)."""
+  """Multiplies each update by its name's lr multiplier (stateless).
 
-  def scale(updates, params=None):
+  Its init and update raise ValueError for a frozen parameter (multiplier 0): frozen
+  parameters never reach the optimizer (`split_frozen`).
+  """
+
+  def multipliers(tree):
+    names = flatten_names(tree)
+    frozen = [n for n in jax.tree.leaves(names) if _multiplier(n, rules) == 0]
+    if frozen:
+      raise ValueError(f"parameter {frozen[0]!r} is frozen by config.optim.lr_mults; give "
+                       f"the optimizer the trainable parameters only (optim.split_frozen)")
+    return jax.tree.map(lambda n: _multiplier(n, rules), names)
+
+  def init(params):
+    multipliers(params)
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, n: u * _multiplier(n, rules), updates,
-                        flatten_names(updates))
+    return jax.tree.map(lambda u, m: u * m, updates, multipliers(updates)), state
 
-  return optax.stateless(scale)
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(c: ml_collections.ConfigDict, params: Any,
@@ -139,20 +217,18 @@ def make_optimizer(c: ml_collections.ConfigDict, params: Any,
 
   Args:
     c: config.optim.
-    params: the parameter pytree (e.g. nnx.State of nnx.Param); only its names are read,
-      to check that every regex matches some parameter.
+    params: every parameter (e.g. nnx.State of nnx.Param, or a pure dict), frozen ones
+      included; only its names are read, to check that every regex matches some parameter.
     total_steps: number of optimizer updates in the run (for the schedule).
 
   Returns:
-    An optax.GradientTransformation over pytrees of `params`' structure (leaves may be
-    nnx.Variables or arrays, so it serves nnx.Optimizer).
+    An optax.GradientTransformation over the trainable parameters: pytrees of the
+    structure of `split_frozen(params, frozen_mask(c, params))[0]`, which is all of
+    `params` when nothing is frozen (leaves may be nnx.Variables or arrays, so it serves
+    nnx.Optimizer).
   """
-  rules = parse_lr_mults(c.lr_mults)
+  rules = _lr_rules(c, params)
   names = jax.tree.leaves(flatten_names(params))
-  for pattern, _ in rules:
-    if not any(re.fullmatch(pattern, n) for n in names):
-      raise ValueError(f"config.optim.lr_mults regex {pattern!r} matches no parameter; "
-                       f"names look like {names[:3]}")
   if c.weight_decay > 0 and not any(re.fullmatch(c.wd_regex, n) for n in names):
     raise ValueError(f"config.optim.wd_regex {c.wd_regex!r} matches no parameter; names "
                      f"look like {names[:3]}")
@@ -161,10 +237,6 @@ def make_optimizer(c: ml_collections.ConfigDict, params: Any,
 
   def decay_mask(tree):
     return jax.tree.map(lambda n: re.fullmatch(c.wd_regex, n) is not None,
-                        flatten_names(tree))
-
-  def labels(tree):
-    return jax.tree.map(lambda n: _FROZEN if _multiplier(n, rules) == 0 else _TRAIN,
                         flatten_names(tree))
 
   parts = []
@@ -176,7 +248,7 @@ def make_optimizer(c: ml_collections.ConfigDict, params: Any,
   parts.append(optax.scale_by_learning_rate(make_schedule(c, total_steps)))
   if any(m != 1.0 for _, m in rules):
     parts.append(_scale_by_multipliers(rules))
-  train = optax.chain(*parts)
+  tx = optax.chain(*parts)
   if c.grad_accum_steps > 1:
-    train = optax.MultiSteps(train, c.grad_accum_steps).gradient_transformation()
-  return optax.multi_transform({_TRAIN: train, _FROZEN: optax.set_to_zero()}, labels)
+    tx = optax.MultiSteps(tx, c.grad_accum_steps).gradient_transformation()
+  return tx

@@ -6,21 +6,29 @@ Both take packed batches of one static shape (the `BatchSpec` chosen at export):
                  positions int32 [B, L, 2], grid_hw int32 [B, L, 2], image_mask bool [B, M]
                  -> embeddings float32 [B, M, D] (L2-normalised; zero in empty slots)
   text encoder   tokens int32 [N, T] -> embeddings float32 [N, D] (L2-normalised); N is
-                 symbolic in the StableHLO export and `text_batch` in the SavedModel (TF's
-                 XLA op cannot check a symbolic shape of a newer StableHLO)
+                 symbolic in the StableHLO export (any batch size) and `text_batch` in the
+                 SavedModel (TF's XLA op cannot check a symbolic shape of a newer StableHLO)
+The StableHLO serialisations are lowered for every platform of PLATFORMS (CPU, CUDA and
+TPU; jax.export lowers for a platform without its devices), so one export serves on each.
 
 Files in the export directory:
   image_encoder.jax_export, text_encoder.jax_export   `jax.export` serialisations (StableHLO
       with the weights inlined as constants); load with `load_jax_export`
+  tokenizer.model  the SentencePiece model that makes the text encoder's tokens (with
+      the tokenizer given): export.json's "tokenizer" says how (`load_tokenizer`)
   saved_model/   (with `tf=True`, needs the `tf` extra) signatures "embed_images" and
       "embed_texts", weights as variables
-  export.json    the batch shape, input names, dtypes and shapes, the embedding width
+  export.json    the batch shape, input names, dtypes and shapes, the embedding width, the
+      platforms, the tokenizer and the resolution policy images are resized by
+An existing non-empty export directory is refused unless `overwrite=True`, which replaces
+these files (and only these) in it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 import jax
@@ -29,11 +37,38 @@ import numpy as np
 from flax import nnx
 
 from navit_clip.data.batch import BatchSpec
+from navit_clip.errors import UserError
+from navit_clip.text.tokenizer import Tokenizer
 
 IMAGE_INPUTS = ("patches", "segment_ids", "positions", "grid_hw", "image_mask")
 IMAGE_FILE = "image_encoder.jax_export"
 TEXT_FILE = "text_encoder.jax_export"
 SAVED_MODEL_DIR = "saved_model"
+MANIFEST_FILE = "export.json"
+TOKENIZER_FILE = "tokenizer.model"
+EXPORT_FILES = (IMAGE_FILE, TEXT_FILE, SAVED_MODEL_DIR, MANIFEST_FILE, TOKENIZER_FILE)
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def prepare_out_dir(out_dir: str, overwrite: bool = False) -> None:
+  """Creates `out_dir`, or clears a previous export from it when `overwrite`.
+
+  Raises:
+    UserError: `out_dir` is a file, or a non-empty directory and `overwrite` is False.
+  """
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f"export directory {out_dir!r} is a file")
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if not overwrite:
+      raise UserError(f"export directory {out_dir!r} is not empty; choose another one or "
+                      "pass --overwrite to replace the export in it")
+    for name in EXPORT_FILES:
+      path = os.path.join(out_dir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  os.makedirs(out_dir, exist_ok=True)
 
 
 def image_input_specs(spec: BatchSpec) -> dict[str, jax.ShapeDtypeStruct]:
@@ -55,13 +90,16 @@ def _pure_fns(model: nnx.Module) -> tuple[Callable, Callable, dict]:
   return image_fn, text_fn, nnx.to_pure_dict(params)
 
 
-def export_jax(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str) -> list[str]:
-  """Writes the two `jax.export` serialisations; the text batch size is symbolic."""
+def export_jax(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str,
+               platforms: tuple[str, ...] = PLATFORMS) -> list[str]:
+  """Writes the two `jax.export` serialisations for `platforms`; the text batch size is
+  symbolic."""
   image_fn, text_fn, params = _pure_fns(model)
-  images = jax.export.export(jax.jit(lambda batch: image_fn(params, batch)))(
-      image_input_specs(spec))
+  images = jax.export.export(jax.jit(lambda batch: image_fn(params, batch)),
+                             platforms=platforms)(image_input_specs(spec))
   (n,) = jax.export.symbolic_shape("n")
-  texts = jax.export.export(jax.jit(lambda tokens: text_fn(params, tokens)))(
+  texts = jax.export.export(jax.jit(lambda tokens: text_fn(params, tokens)),
+                            platforms=platforms)(
       jax.ShapeDtypeStruct((n, text_len), jnp.int32))
   paths = []
   for name, exported in ((IMAGE_FILE, images), (TEXT_FILE, texts)):
@@ -77,6 +115,24 @@ def load_jax_export(path: str) -> Callable:
   with open(path, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   return exported.call
+
+
+def _copy_tokenizer(tokenizer: Tokenizer, out_dir: str) -> dict:
+  """Copies the tokenizer's model into `out_dir`; its entry of export.json."""
+  shutil.copyfile(tokenizer.path, os.path.join(out_dir, TOKENIZER_FILE))
+  return {"file": TOKENIZER_FILE, "max_len": tokenizer.max_len,
+          "lowercase": tokenizer.lowercase, "pad_id": tokenizer.pad_id,
+          "eos_id": tokenizer.eos_id}
+
+
+def load_tokenizer(export_dir: str) -> Tokenizer:
+  """The tokenizer that an export directory carries, set up as export.json says."""
+  with open(os.path.join(export_dir, MANIFEST_FILE), encoding="utf-8") as f:
+    entry = json.load(f).get("tokenizer")
+  if entry is None:
+    raise UserError(f"export {export_dir!r} carries no tokenizer")
+  return Tokenizer(os.path.join(export_dir, entry["file"]), entry["max_len"],
+                   lowercase=entry["lowercase"], pad_id=entry["pad_id"])
 
 
 def export_tf(model: nnx.Module, spec: BatchSpec, text_len: int, text_batch: int,
@@ -117,16 +173,31 @@ def export_tf(model: nnx.Module, spec: BatchSpec, text_len: int, text_batch: int
 
 
 def export_model(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str, *,
-                 tf: bool = False, text_batch: int = 64) -> dict:
-  """Exports the encoders of a TwoTower `model` into `out_dir` (see the module docstring)."""
+                 tf: bool = False, text_batch: int = 64, overwrite: bool = False,
+                 tokenizer: Tokenizer | None = None, resolution: str = "",
+                 platforms: tuple[str, ...] = PLATFORMS) -> dict:
+  """Exports the encoders of a TwoTower `model` into `out_dir` (see the module docstring).
+
+  `tokenizer` (its max_len = `text_len`) is copied into the export; `resolution`, the
+  policy the image batches are made with, is recorded in export.json.
+  """
   if not hasattr(model, "embed_texts"):
-    raise ValueError("model export needs a contrastive (two-tower) model; this checkpoint "
-                     f"is a {type(model).__name__}")
-  os.makedirs(out_dir, exist_ok=True)
-  files = export_jax(model, spec, text_len, out_dir)
+    raise UserError("model export needs a contrastive (two-tower) model; this checkpoint "
+                    f"is a {type(model).__name__}")
+  if tokenizer is not None and tokenizer.max_len != text_len:
+    raise ValueError(f"tokenizer max_len {tokenizer.max_len} differs from text_len {text_len}")
+  prepare_out_dir(out_dir, overwrite)
+  files = export_jax(model, spec, text_len, out_dir, platforms)
   if tf:
     files.append(export_tf(model, spec, text_len, text_batch, out_dir))
+  tokenizer_entry = None
+  if tokenizer is not None:
+    tokenizer_entry = _copy_tokenizer(tokenizer, out_dir)
+    files.append(tokenizer_entry["file"])
   manifest = {
+      "platforms": list(platforms),
+      "resolution": resolution or None,
+      "tokenizer": tokenizer_entry,
       "image_inputs": {k: {"shape": list(s.shape), "dtype": np.dtype(s.dtype).name}
                        for k, s in image_input_specs(spec).items()},
       "text_inputs": {"tokens": {"shape": ["n", text_len], "dtype": "int32"}},
@@ -137,6 +208,6 @@ def export_model(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str
                      "channels": spec.channels},
       "files": [os.path.basename(f) for f in files],
   }
-  with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(out_dir, MANIFEST_FILE), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2)
   return manifest

@@ -31,13 +31,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from navit_clip.activation_sharding import BATCH_AXES
+from navit_clip.choices import check_range, naming
 from navit_clip.param_rules import flatten_names, split_rules
 
 MESH_AXES = ("data", "fsdp", "model")
-BATCH_AXES = ("data", "fsdp")
 UNSHARDED = "_"
 
 # Megatron-style tensor parallelism: column-parallel q/k/v and fc1 (heads and MLP hidden
@@ -119,6 +121,19 @@ def parse_rules(spec: str) -> list[Rule]:
   return rules
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks config.mesh and config.sharding (the whole config: the mesh is a top-level key).
+
+  Raises:
+    ValueError: naming the key ("config.mesh = ...: <what is wrong>").
+  """
+  with naming("config.mesh", config.mesh):
+    parse_mesh(config.mesh)
+  with naming("config.sharding.rules", config.sharding.rules):
+    parse_rules(config.sharding.rules)
+  check_range("config.sharding.fsdp_min_size", config.sharding.fsdp_min_size, 0)
+
+
 def partition_spec(name: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule],
                    fsdp_min_size: int) -> PartitionSpec:
   """The PartitionSpec of one leaf called `name` of `shape` (see the module docstring).
@@ -174,20 +189,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-  """Constrains the leading (row) dimension of `x` to ("data", "fsdp") of the current mesh.
-
-  For a tower's token activations [B, L, D]: the compiler keeps them split by rows instead
-  of choosing a layout from the parameters' shardings. The mesh is the one set by
-  `jax.set_mesh`, with AxisType.Auto axes as `make_mesh` makes them; without one, or on a
-  mesh of one device, `x` is returned unchanged.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return x
-  return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
-
-
 def batch_shards(mesh: Mesh) -> int:
   """How many ways the batch rows are split: data * fsdp."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -231,12 +232,3 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
     out[key] = jax.make_array_from_process_local_data(sharding, x,
                                                       (global_rows, *x.shape[1:]))
   return out
-
-
-def bytes_per_device(tree: Any, shardings: Any) -> int:
-  """Bytes that one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings`.
-
-  Every sharding here splits dimensions evenly, so all devices hold the same amount.
-  """
-  return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))

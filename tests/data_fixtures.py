@@ -1,16 +1,21 @@
-"""Tiny on-disk datasets for the data tests: encoded images, tar shards, TFRecords."""
+"""Tiny on-disk datasets for the data tests (encoded images, tar shards, TFRecords), and
+the checks they share: full-size decoding, packed batches against their spec."""
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 import tarfile
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
 
+from navit_clip.data.batch import BatchSpec
+from navit_clip.data.decode import DecodeLimits, open_image
 from navit_clip.data.sources.tf_example import encode_example
-from navit_clip.data.sources.tfrecord import write_tfrecords
+from navit_clip.data.sources.tfrecord import masked_crc
 
 _COLORS = ("red", "green", "blue", "yellow", "purple")  # words the demo tokenizer knows
 _SHAPES = ("circle", "square", "triangle", "cross", "star")
@@ -33,6 +38,35 @@ def encode(image: np.ndarray | Image.Image, fmt: str = "JPEG", **kwargs) -> byte
 
 def jpeg(h: int = 24, w: int = 32, seed: int = 0) -> bytes:
   return encode(image_array(h, w, seed), "JPEG", quality=90)
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(),
+                 declared: str | None = None) -> np.ndarray:
+  """Encoded bytes -> uint8 [H, W, 3] RGB at full size; raises DecodeError."""
+  return open_image(data, limits, declared).load()
+
+
+def validate_batch(batch: dict, spec: BatchSpec) -> None:
+  """Raises ValueError naming the field if `batch` does not match `spec` exactly."""
+  want = spec.shapes()
+  missing = sorted(set(want) - set(batch))
+  if missing:
+    raise ValueError(f"packed batch is missing fields {missing}; expected {sorted(want)}")
+  for name, (shape, dtype) in want.items():
+    arr = batch[name]
+    if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dtype:
+      raise ValueError(
+          f"packed batch field {name!r} is {np.dtype(arr.dtype).name}{list(arr.shape)}, "
+          f"expected {dtype.name}{list(shape)}")
+
+
+def write_tfrecords(path: str, records: Iterable[bytes]) -> None:
+  """Writes byte strings as a TFRecord file, with their masked CRC-32Cs."""
+  with open(path, "wb") as f:
+    for data in records:
+      length = struct.pack("<Q", len(data))
+      f.write(length + struct.pack("<I", masked_crc(length)) + data
+              + struct.pack("<I", masked_crc(data)))
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from navit_clip.data.batch import BatchSpec, validate_batch
+from data_fixtures import validate_batch
+from navit_clip.data.batch import BatchSpec
 from navit_clip.data.pack import pack
 from navit_clip.data.patchify import patchify, resize
 from navit_clip.data.resolution_sampling import ResolutionSampler

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import encode, image_array, jpeg, write_tar
+from data_fixtures import encode, image_array, jpeg, write_tar, write_tfrecords
 from navit_clip.data import pipeline
 from navit_clip.data.counters import BadSourceError, data_counters
 from navit_clip.data.sources.tf_example import encode_example
-from navit_clip.data.sources.tfrecord import write_tfrecords
+from navit_clip.data.sources.tfrecord import masked_crc
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +172,8 @@ def _tfrecord_corpus(root: str) -> tuple[str, dict[str, int], int]:
   write_tfrecords(path, [good, b"\x0a\xff\xff\xff\x0f", encode_example({"caption": "no image"}),
                          good])
   with open(path, "ab") as f:
-    f.write(struct.pack("<QI", 1000, 0) + b"short")
+    length = struct.pack("<Q", 1000)  # a valid header, then the file ends
+    f.write(length + struct.pack("<I", masked_crc(length)) + b"short")
   return path, {"skipped/bad_example": 1, "skipped/missing_image": 1,
                 "skipped/truncated_file": 1}, 2
 
@@ -192,7 +193,7 @@ def config(tiny_config):
   c.data.num_epochs = 1
   c.data.shard_by_process = False
   c.data.max_bad_fraction = 1.0
-  c.data.max_member_bytes = 20_000
+  c.data.max_member_bytes = 25_000  # refuses big.jpg (30,000 bytes), reads strip.png
   c.data.cycle_length = 2
   return c
 

@@ -26,7 +26,7 @@ B, M, D = 16, 3, 8
 def test_chunked_loss_needs_a_mesh():
   x = jnp.zeros((2, 1, 4))
   with pytest.raises(ValueError, match="jax.set_mesh"):
-    losses.contrastive_loss("sigmoid_chunked", x, x, jnp.ones((2, 1), bool), 0.0)
+    losses.contrastive_loss_fn("sigmoid", chunked=True)(x, x, jnp.ones((2, 1), bool), 0.0)
 
 
 def test_chunked_loss_on_one_device_equals_dense():
@@ -34,19 +34,17 @@ def test_chunked_loss_on_one_device_equals_dense():
   img, txt, valid = _inputs(rng)
   mesh = sharding.make_mesh("data:1", jax.devices()[:1])
   for name, bias in CASES:
-    dense = _value_and_grads(name, img, txt, valid, bias)
+    dense = _value_and_grads(name, False, img, txt, valid, bias)
     with jax.set_mesh(mesh):
-      chunked = _value_and_grads(losses.chunked_name(name), img, txt, valid, bias)
+      chunked = _value_and_grads(name, True, img, txt, valid, bias)
     for d, c in zip(dense, chunked):
       np.testing.assert_allclose(c, d, rtol=RTOL, atol=RTOL * np.abs(d).max())
 
 
 def test_only_contrastive_losses_chunk():
-  with pytest.raises(ValueError, match="can be chunked"):
-    losses.chunked_name("sigmoid_xent")
-  with pytest.raises(ValueError, match="unknown contrastive loss"):
-    losses.contrastive_loss("siglip_chunked", jnp.zeros((1, 1, 2)), jnp.zeros((1, 1, 2)),
-                            jnp.ones((1, 1), bool), 0.0)
+  for name in ("sigmoid_xent", "siglip"):
+    with pytest.raises(ValueError, match=f"unknown contrastive loss '{name}'"):
+      losses.contrastive_loss_fn(name, chunked=True)
 
 
 def _inputs(rng, all_empty=False):
@@ -61,12 +59,12 @@ def _inputs(rng, all_empty=False):
   return img, txt, valid
 
 
-def _value_and_grads(name, img, txt, valid, bias):
+def _value_and_grads(name, chunked, img, txt, valid, bias):
   """(loss, n_valid, d/dimg, d/dtxt, d/dt', d/db) as NumPy arrays."""
+  loss_fn = losses.contrastive_loss_fn(name, chunked=chunked)
 
   def loss(img, txt, scale, b):
-    value, metrics = losses.contrastive_loss(name, img, txt, jnp.asarray(valid), scale,
-                                             None if bias is None else b)
+    value, metrics = loss_fn(img, txt, jnp.asarray(valid), scale, None if bias is None else b)
     return value, metrics["n_valid"]
 
   grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
@@ -106,12 +104,12 @@ def _child_main():
   rows = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
   out = {}
   for name, bias in CASES:
-    dense = _value_and_grads(name, img, txt, valid, bias)
+    dense = _value_and_grads(name, False, img, txt, valid, bias)
     for spec in MESHES:
       mesh = sharding.make_mesh(spec)
       placed = [jax.device_put(a, jax.sharding.NamedSharding(mesh, rows)) for a in (img, txt)]
       with jax.set_mesh(mesh):
-        chunked = _value_and_grads(losses.chunked_name(name), *placed, valid, bias)
+        chunked = _value_and_grads(name, True, *placed, valid, bias)
       rel = [float(np.max(np.abs(c - d)) / max(np.max(np.abs(d)), 1e-30))
              for c, d in zip(chunked, dense)]
       out[f"{spec} {name} {bias}"] = {
@@ -120,7 +118,7 @@ def _child_main():
           "finite": bool(all(np.isfinite(a).all() for a in chunked))}
     empty_img, empty_txt, empty = _inputs(rng, all_empty=True)
     with jax.set_mesh(sharding.make_mesh("data:2,fsdp:4")):
-      res = _value_and_grads(losses.chunked_name(name), empty_img, empty_txt, empty, bias)
+      res = _value_and_grads(name, True, empty_img, empty_txt, empty, bias)
     out[f"empty {name} {bias}"] = {"loss": float(res[0]),
                                    "max_abs_grad": float(max(np.abs(g).max() for g in res[2:]))}
   print(json.dumps(out))

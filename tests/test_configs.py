@@ -98,3 +98,58 @@ def test_every_attention_choice_validates():
   c.model.image.attention = "flash"
   with pytest.raises(ValueError, match="model.image.attention"):
     config_lib.validate(c)
+
+
+# One bad value per section: validate reaches the check_config of the module that reads the
+# section, and the error names the full key.
+BAD_VALUES = [
+    ("model.image.variant", "B", r"config\.model\.image\.variant = 'B' needs a patch size"),
+    ("model.image.posemb", "rotary", r"config\.model\.image\.posemb = 'rotary'; expected one of"),
+    ("model.image.dtype", "float16", r"config\.model\.image\.dtype = 'float16'; expected one"),
+    ("model.image.remat", "some", r"config\.model\.image\.remat = 'some'; expected one of"),
+    ("model.text.variant", "B/16", r"config\.model\.text\.variant = 'B/16' names a patch size"),
+    ("model.text.pool", "first", r"config\.model\.text\.pool = 'first'; expected one of"),
+    ("model.text.eos_id", 64, r"config\.model\.text\.eos_id = 64 must be in \[0, config\.model"),
+    ("task", "regression", r"config\.task = 'regression'; expected one of"),
+    ("data.max_images", 300, r"config\.data\.max_images = 300 must be in \[1, config\.data\."),
+    ("data.source", "parquet", r"config\.data\.source = 'parquet'; expected one of"),
+    ("data.caption_repair", "drop", r"config\.data\.caption_repair = 'drop'; expected one of"),
+    ("data.max_bad_fraction", 0.0, r"config\.data\.max_bad_fraction = 0\.0 must be in \(0\.0,"),
+    ("data.decode.mislabelled", "fix", r"config\.data\.decode\.mislabelled = 'fix'; expected"),
+    ("data.resolution.kind", "area", r"config\.data\.resolution\.kind = 'area'; expected one"),
+    ("data.token_drop.rate", 1.0, r"config\.data\.token_drop\.rate = 1\.0 must be in \[0\.0,"),
+    ("data.packer", "greedy", r"config\.data\.packer = 'greedy'; expected one of"),
+    ("loss.name", "hinge", r"config\.loss\.name = 'hinge'; expected one of"),
+    ("loss.init_t", 0.0, r"config\.loss\.init_t = 0\.0 must be > 0\.0"),
+    ("optim.schedule", "step", r"config\.optim\.schedule = 'step'; expected one of"),
+    ("optim.lr_mults", "image/.*=x", r"config\.optim\.lr_mults = 'image/\.\*=x': .*multiplier"),
+    ("mesh", "data:2,pipe:2", r"config\.mesh = 'data:2,pipe:2': "),
+    ("sharding.fsdp_min_size", -1, r"config\.sharding\.fsdp_min_size = -1 must be >= 0"),
+    ("distributed.initialize", "maybe", r"config\.distributed\.initialize = 'maybe'; expected"),
+    ("train.log_every", 0, r"config\.train\.log_every = 0 must be >= 1"),
+    ("train.nonfinite", "ignore", r"config\.train\.nonfinite = 'ignore'; expected one of"),
+    ("init.step", -2, r"config\.init\.step = -2 must be >= -1"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD_VALUES, ids=[k for k, _, _ in BAD_VALUES])
+def test_each_section_checks_its_keys(key, value, message):
+  c = load_config("demo")
+  *parents, leaf = key.split(".")
+  section = c
+  for part in parents:
+    section = section[part]
+  section[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(c)
+
+
+def test_evaluators_and_init_params_are_checked_by_their_modules():
+  c = load_config("demo")
+  c.evals.sweep = config_lib.eval_config("resolutions", "demo:shape", budgets="64,lots")
+  with pytest.raises(ValueError, match=r"config\.evals\.sweep\.budgets = '64,lots': "):
+    config_lib.validate(c)
+  c = load_config("demo")
+  c.init.checkpoint, c.init.params = "/runs/jft", ""
+  with pytest.raises(ValueError, match=r"config\.init\.params = '' names no parameters"):
+    config_lib.validate(c)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import jpeg, tfrecord_files, webdataset_shards
-from navit_clip.config import DATA_SOURCES, validate
+from navit_clip.config import validate
 from navit_clip.data import pipeline
 from navit_clip.data.convert import convert
 from navit_clip.data.counters import data_counters
@@ -56,8 +56,14 @@ def _same(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_sources_listed_in_config():
-  assert set(pipeline.SOURCES) == set(DATA_SOURCES)
+def test_every_source_validates_and_an_unknown_one_is_named(config):
+  config.data.train_files, config.data.mixture = "shards/*.tar", "webdataset:shards/*.tar=1"
+  for source in pipeline.SOURCES:
+    config.data.source = source
+    validate(config)
+  config.data.source = "parquet"
+  with pytest.raises(ValueError, match=r"config.data.source = 'parquet'; expected one of"):
+    validate(config)
 
 
 def test_webdataset_epoch_exactly_once_and_independent_of_workers(config, wds):
@@ -71,6 +77,16 @@ def test_webdataset_epoch_exactly_once_and_independent_of_workers(config, wds):
   batches2, it2 = _batches(config)
   _same(batches0, batches2)
   assert data_counters(it2) == {"records": 18, "skipped": 0}
+
+
+@pytest.mark.parametrize("packer", ["best_fit", "grain_first_fit"])
+def test_every_packer_reports_the_counters_of_its_stream(config, wds, packer):
+  config.data.source, config.data.train_files = "webdataset", wds[0]
+  config.data.packer = packer
+  batches, it = _batches(config)
+  assert sorted(_ids(batches)) == sorted(wds[1])
+  assert data_counters(it) == {"records": 18, "skipped": 0}
+  assert data_counters(iter(batches)) == {}  # an iterator without counters
 
 
 def test_arrayrecord_epoch_exactly_once_and_independent_of_workers(config, wds, tmp_path):

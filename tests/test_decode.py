@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import encode, image_array
-from navit_clip.data.decode import DecodeError, DecodeLimits, decode_image, open_image
+from data_fixtures import decode_image, encode, image_array
+from navit_clip.data.decode import DecodeError, DecodeLimits, open_image
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,7 +14,8 @@ from navit_clip.evaluate.embedder import Embedder, embed_packed
 from navit_clip.evaluate.inference_batches import inference_batches
 from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
 from navit_clip.embedding_writer import export_image_embeddings, run_chunks
-from navit_clip.serving_export import IMAGE_INPUTS, export_model, load_jax_export
+from navit_clip.data.pipeline import make_tokenizer
+from navit_clip.serving_export import IMAGE_INPUTS, export_model, load_jax_export, load_tokenizer
 from navit_clip.model import build_model
 
 
@@ -122,9 +124,32 @@ def test_jax_export_round_trips(tiny, tmp_path):
   images = load_jax_export(str(tmp_path / "image_encoder.jax_export"))
   got = np.asarray(images({k: batch[k] for k in IMAGE_INPUTS}))
   np.testing.assert_allclose(got, embedder.images(batch), atol=1e-5)
-  tokens = np.random.default_rng(0).integers(0, 60, (5, config.model.text.max_len), np.int32)
   texts = load_jax_export(str(tmp_path / "text_encoder.jax_export"))
-  np.testing.assert_allclose(np.asarray(texts(tokens)), embedder.texts(tokens), atol=1e-5)
+  for n in (5, 2):  # one export, any text batch size
+    tokens = np.random.default_rng(n).integers(0, 60, (n, config.model.text.max_len), np.int32)
+    np.testing.assert_allclose(np.asarray(texts(tokens)), embedder.texts(tokens), atol=1e-5)
+
+
+def test_jax_export_serves_every_platform_and_carries_the_tokenizer(tiny, tmp_path):
+  config, model = tiny
+  tokenizer = make_tokenizer(config)
+  spec = inference_spec(config, ResolutionPolicy.parse("budget:32"), batch_size=2)
+  manifest = export_model(model, spec, config.model.text.max_len, str(tmp_path),
+                          tokenizer=tokenizer, resolution="budget:32")
+  written = json.loads((tmp_path / "export.json").read_text())
+  assert written["platforms"] == ["cpu", "cuda", "tpu"] == manifest["platforms"]
+  assert written["resolution"] == "budget:32"
+  for name in ("image_encoder.jax_export", "text_encoder.jax_export"):
+    exported = jax.export.deserialize(bytearray((tmp_path / name).read_bytes()))
+    assert exported.platforms == ("cpu", "cuda", "tpu")
+  assert (tmp_path / written["tokenizer"]["file"]).is_file()
+  assert written["tokenizer"]["file"] in written["files"]
+  captions = ["a small red circle on a wide blue background", "a big green star"]
+  served = load_tokenizer(str(tmp_path))
+  np.testing.assert_array_equal(served.encode(captions), tokenizer.encode(captions))
+  texts = load_jax_export(str(tmp_path / "text_encoder.jax_export"))
+  np.testing.assert_allclose(np.asarray(texts(served.encode(captions))),
+                             Embedder(model).texts(tokenizer.encode(captions)), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -143,3 +168,42 @@ def test_tf_saved_model_round_trips(tiny, tmp_path):
   tokens = np.random.default_rng(0).integers(0, 60, (4, config.model.text.max_len), np.int32)
   out = loaded.signatures["embed_texts"](tokens=tf.constant(tokens))
   np.testing.assert_allclose(out["embeddings"].numpy(), embedder.texts(tokens), atol=1e-5)
+
+
+def test_square_policy_squashes_bicubic_and_drops_what_a_strided_conv_ignores():
+  """square:36 at patch 8: SigLIP's processor resizes to 36 x 36 (bicubic), and its
+  stride-8 convolution reads the first 32 rows and columns."""
+  from navit_clip.data.patchify import patchify
+  from navit_clip.data.preprocess import Preprocessor
+  from navit_clip.data.token_drop import TokenDropper
+  policy = ResolutionPolicy.parse("square:36")
+  assert (policy.resample, policy.draft, policy.min_seq_len(8)) == ("bicubic", False, 16)
+  image = np.random.default_rng(0).integers(0, 256, (50, 20, 3), np.uint8)
+  preprocess = Preprocessor(patch_size=8, sampler=policy.sampler(8, 64, 2.0),
+                            dropper=TokenDropper(kind="none"), seed=0,
+                            resample=policy.resample, draft=policy.draft)
+  example = preprocess(0, {"image": image, "example_id": 0})
+  squashed = np.asarray(Image.fromarray(image).resize((36, 36), Image.Resampling.BICUBIC))
+  np.testing.assert_array_equal(example["patches"], patchify(squashed[:32, :32], 8)[0])
+  np.testing.assert_array_equal(example["grid_hw"], [4, 4])
+
+
+def test_naflex_policy_gives_the_naflex_sizes_and_rows_that_hold_them():
+  from navit_clip.data.resolution_sampling import naflex_size
+  policy = ResolutionPolicy.parse("naflex:24")
+  sampler = policy.sampler(4, 24, 2.0)
+  for h, w in ((8, 40), (40, 8), (33, 33), (500, 375)):
+    assert sampler.sample(None, h, w) == (*naflex_size(h, w, 4, 24), False)
+  shrunk = policy.sampler(4, 10, 2.0).sample(None, 40, 40)
+  assert shrunk == (*naflex_size(40, 40, 4, 10), True)
+  assert (policy.resample, policy.draft, policy.min_seq_len(4)) == ("bilinear", False, 24)
+
+
+def test_a_square_policy_larger_than_the_row_and_a_bad_policy_are_named(tiny):
+  from navit_clip.config import validate
+  with pytest.raises(ValueError, match="square:32 gives 4 x 4 patches"):
+    ResolutionPolicy.parse("square:32").sampler(8, 8, 2.0)
+  config = tiny[0].copy_and_resolve_references()
+  config.inference_resolution = "square"
+  with pytest.raises(ValueError, match="config.inference_resolution = 'square'"):
+    validate(config)

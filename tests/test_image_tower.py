@@ -9,7 +9,7 @@ from flax import nnx
 from navit_clip.attention import AUTO
 from navit_clip.config import default_config, validate
 from navit_clip.image_tower import ImageTower, normalize_patches
-from navit_clip.layers import Encoder
+from navit_clip.layers import Encoder, segment_mean
 
 P, C = 4, 3
 PATCH_DIM = P * P * C
@@ -191,11 +191,19 @@ def test_scanned_tower_trains(images):
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
+def test_segment_mean_averages_each_segment_in_float32():
+  x = jnp.arange(12, dtype=jnp.bfloat16).reshape(1, 6, 2)
+  segment_ids = jnp.asarray([[1, 1, 2, 0, 2, 2]], jnp.int32)  # position 3 is padding
+  out = segment_mean(x, segment_ids, 3)
+  assert out.dtype == jnp.float32 and out.shape == (1, 3, 2)
+  np.testing.assert_allclose(out[0], [[1, 2], [22 / 3, 25 / 3], [0, 0]], rtol=1e-6)
+
+
 def test_bfloat16_close_to_float32(images):
   a, b, c, _, _ = images
   batch = _pack([[a, b], [c]], 32, 2)
   want, _ = _tower()(batch)
-  got, _ = _tower(dtype="bfloat16")(batch)  # same seed, same float32 params
+  got, _ = _tower(dtype=jnp.bfloat16)(batch)  # same seed, same float32 params
   assert got.dtype == jnp.float32
   scale = np.abs(np.asarray(want)).max()
   np.testing.assert_allclose(got, want, atol=0.05 * scale)

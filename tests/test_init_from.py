@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -77,6 +78,10 @@ def test_lit_keeps_the_copied_tower_frozen_while_text_learns(demo_tokenizer_path
   for name in source:
     np.testing.assert_array_equal(trained[name], source[name], err_msg=name)
   assert not np.array_equal(trained["text/proj/kernel"], fresh["text/proj/kernel"])
+  saved = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "4" / "state")
+  opt_names = jax.tree.leaves(flatten_names(saved["opt_state"]))
+  assert any("/text/" in n for n in opt_names)  # the optimizer holds the text side only
+  assert not any("/image/" in n for n in opt_names)
 
 
 def test_a_step_directory_and_a_prefix_mapping_are_accepted(demo_tokenizer_path,

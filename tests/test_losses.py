@@ -50,7 +50,7 @@ def test_contrastive_matches_numpy(name):
   img = _unit(rng.standard_normal((B, M, D))).astype(np.float32)
   txt = _unit(rng.standard_normal((B, M, D))).astype(np.float32)
   t_prime, b = math.log(3.0), -1.5
-  loss, metrics = losses.contrastive_loss(name, img, txt, jnp.asarray(VALID), t_prime, b)
+  loss, metrics = losses.contrastive_loss_fn(name)(img, txt, jnp.asarray(VALID), t_prime, b)
   x = img.reshape(-1, D)[VALID_IDX].astype(np.float64)
   y = txt.reshape(-1, D)[VALID_IDX].astype(np.float64)
   want = _np_sigmoid_loss(x, y, 3.0, b) if name == "sigmoid" else _np_softmax_loss(x, y, 3.0)
@@ -69,7 +69,7 @@ def test_contrastive_empty_slots_change_nothing(name, garbage):
   scale_bias = (jnp.float32(math.log(10.0)), jnp.float32(-10.0))
 
   def f(i, t, sb, valid):
-    return losses.contrastive_loss(name, i, t, valid, *sb)[0]
+    return losses.contrastive_loss_fn(name)(i, t, valid, *sb)[0]
 
   grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
   loss_p, (gi_p, gt_p, gsb_p) = grad(img, txt, scale_bias, jnp.asarray(VALID))
@@ -87,7 +87,7 @@ def test_no_valid_slot_gives_zero_loss_and_finite_gradients():
   x = jnp.ones((B, M, D)) / 2.0
   for name in losses.CONTRASTIVE_LOSSES:
     loss, g = jax.value_and_grad(
-        lambda s: losses.contrastive_loss(name, x, x, jnp.zeros((B, M), bool), s, -10.0)[0])(
+        lambda s: losses.contrastive_loss_fn(name)(x, x, jnp.zeros((B, M), bool), s, -10.0)[0])(
             jnp.float32(1.0))
     assert loss == 0.0 and g == 0.0
 
@@ -106,13 +106,13 @@ def test_classification_matches_numpy_and_metrics():
   y = multi_hot.reshape(-1, K)[VALID_IDX]
   c = ids.reshape(-1)[VALID_IDX]
 
-  loss, metrics = losses.classification_loss("sigmoid_xent", logits, multi_hot, valid)
+  loss, metrics = losses.sigmoid_xent_loss(logits, multi_hot, valid)
   want = -np.sum(y * _np_log_sigmoid(x) + (1 - y) * _np_log_sigmoid(-x)) / N_VALID
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_allclose(metrics["prec@1"], np.mean(y[np.arange(N_VALID),
                                                           x.argmax(1)]), rtol=1e-6)
 
-  loss, metrics = losses.classification_loss("softmax_xent", logits, ids, valid)
+  loss, metrics = losses.softmax_xent_loss(logits, ids, valid)
   logp = x - x.max(1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(1, keepdims=True))
   np.testing.assert_allclose(loss, -np.mean(logp[np.arange(N_VALID), c]), rtol=1e-5)
@@ -134,7 +134,7 @@ def test_classification_empty_slots_change_nothing(name):
     labels = labels.reshape(B, M)
 
   def f(x, y, valid):
-    return losses.classification_loss(name, x, y, valid)
+    return losses.classification_loss_fn(name)(x, y, valid)
 
   grad = jax.value_and_grad(f, has_aux=True)
   (loss_p, m_p), g_p = grad(logits, labels, jnp.asarray(VALID))
@@ -162,14 +162,29 @@ def test_bad_inputs_name_the_problem():
   x = jnp.zeros((B, M, D))
   valid = jnp.asarray(VALID)
   with pytest.raises(ValueError, match="unknown contrastive loss 'siglip'"):
-    losses.contrastive_loss("siglip", x, x, valid, 0.0)
+    losses.contrastive_loss_fn("siglip")
   with pytest.raises(ValueError, match="unknown classification loss 'sigmoid'"):
-    losses.classification_loss("sigmoid", x, x, valid)
+    losses.classification_loss_fn("sigmoid")
   with pytest.raises(ValueError, match="txt must be"):
-    losses.contrastive_loss("sigmoid", x, x[:, :2], valid, 0.0)
+    losses.sigmoid_loss(x, x[:, :2], valid, 0.0)
   with pytest.raises(ValueError, match="valid must be bool"):
-    losses.contrastive_loss("sigmoid", x, x, valid.astype(jnp.int32), 0.0)
+    losses.sigmoid_loss(x, x, valid.astype(jnp.int32), 0.0)
   with pytest.raises(ValueError, match="logit_scale must be a scalar"):
-    losses.contrastive_loss("sigmoid", x, x, valid, jnp.zeros(2))
+    losses.sigmoid_loss(x, x, valid, jnp.zeros(2))
   with pytest.raises(ValueError, match="integer"):
-    losses.classification_loss("softmax_xent", x, jnp.zeros((B, M)), valid)
+    losses.softmax_xent_loss(x, jnp.zeros((B, M)), valid)
+  with pytest.raises(ValueError, match=r"txt embeddings differ in shape: \[.*\] vs"):
+    losses.sigmoid_loss(x, x[..., :2], valid, 0.0)
+  with pytest.raises(ValueError, match="logits and multi-hot labels differ in shape"):
+    losses.sigmoid_xent_loss(x, x[..., :2], valid)
+
+
+def test_a_loss_is_chosen_once_by_name_and_chunking():
+  assert losses.contrastive_loss_fn("softmax") is losses.contrastive_loss_fn("softmax")
+  for name, fn in (("sigmoid", losses.sigmoid_loss), ("softmax", losses.softmax_loss)):
+    for chunked in (False, True):
+      chosen = losses.contrastive_loss_fn(name, chunked=chunked)
+      assert chosen.func is fn and chosen.keywords == {"chunked": chunked}
+  assert losses.classification_loss_fn("softmax_xent") is losses.softmax_xent_loss
+  with pytest.raises(ValueError, match="unknown contrastive loss 'sigmoid_xent'"):
+    losses.contrastive_loss_fn("sigmoid_xent", chunked=True)

@@ -60,6 +60,15 @@ def test_a_single_process_starts_nothing(monkeypatch):
   assert not distributed.initialize(c)
 
 
+def test_data_share_is_the_jax_process_when_the_data_is_sharded_by_process(monkeypatch):
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  d = default_config().data
+  assert distributed.data_share(d) == {"process_index": 1, "process_count": 2}
+  d.shard_by_process = False
+  assert distributed.data_share(d) == {"process_index": 0, "process_count": 1}
+
+
 def test_config_checks_the_coordinator_and_chunked_loss():
   c = default_config()
   c.distributed.coordinator = "localhost:1234"

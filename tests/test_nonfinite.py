@@ -11,7 +11,7 @@ import pytest
 
 from navit_clip import sharding
 from navit_clip.model import TwoTower
-from navit_clip.nonfinite import keep_if_finite
+from navit_clip.nonfinite import NonfiniteMonitor, keep_if_finite
 from navit_clip.train import train
 
 BAD_STEP = 3
@@ -33,8 +33,8 @@ def poison_step(monkeypatch):
       host_batch = dict(host_batch, image_mask=np.zeros_like(host_batch["image_mask"]))
     return global_batch(host_batch, mesh, rows)
 
-  def nan_without_images(self, batch, name):
-    value, aux = loss(self, batch, name)
+  def nan_without_images(self, batch):
+    value, aux = loss(self, batch)
     return value * jnp.where(jnp.any(batch["image_mask"]), 1.0, jnp.nan), aux
 
   monkeypatch.setattr(sharding, "global_batch", feed)
@@ -48,6 +48,19 @@ def test_keep_if_finite_selects_the_old_state():
   for loss, norm in ((jnp.nan, 1.0), (1.0, jnp.inf)):
     kept, flag = keep_if_finite(jnp.float32(loss), jnp.float32(norm), new, old)
     assert float(flag) == 1.0 and np.all(kept["w"] == 0.0)
+
+
+def test_skip_mode_logs_a_warning_naming_the_steps(caplog):
+  monitor = NonfiniteMonitor("skip", checkpoints=None)
+  for step, loss in ((1, 0.5), (2, np.nan), (3, np.inf)):
+    monitor.record(step, {"loss": jnp.float32(loss), "nonfinite": jnp.float32(step > 1)})
+  with caplog.at_level("WARNING", logger="navit_clip.nonfinite"):
+    monitor.check()
+  assert monitor.skipped == 2
+  [record] = caplog.records
+  assert record.levelname == "WARNING"
+  assert record.getMessage() == ("non-finite loss or gradients at 2 steps in 2..3; skipped "
+                                 "those updates (2 skipped so far)")
 
 
 def test_stop_mode_raises_naming_the_step_and_the_last_good_checkpoint(

@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 import numpy as np
 import pytest
 
-from navit_clip.data.batch import BatchSpec, validate_batch
+from data_fixtures import validate_batch
+from navit_clip.data.batch import BatchSpec
 from navit_clip.data.pack import ALGORITHMS, pack
 from navit_clip.data.pack_dataset import GRAIN_PACKERS, PackedBatchDataset
 

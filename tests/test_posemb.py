@@ -1,11 +1,12 @@
-"""Factorized position embeddings over fractional and absolute coordinates."""
+"""Position embeddings: factorized over fractional and absolute coordinates, and resized."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from navit_clip.posemb import FactorizedPosEmb, KINDS
+from navit_clip.posemb import FACTORIZED_KINDS, KINDS, position_embedding
 
 
 def _grid(h: int, w: int):
@@ -16,8 +17,8 @@ def _grid(h: int, w: int):
 
 
 def _emb(kind, coords="fractional", resolution=16, width=16):
-  return FactorizedPosEmb(width, kind=kind, coords=coords, resolution=resolution,
-                          rngs=nnx.Rngs(0))
+  return position_embedding(width, kind=kind, coords=coords, resolution=resolution,
+                            rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -31,7 +32,7 @@ def test_shape_dtype_and_padding_is_finite(kind):
   assert np.isfinite(np.asarray(out)).all()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FACTORIZED_KINDS)
 def test_fractional_same_at_corresponding_fractions(kind):
   """A 3x4 grid and its 2x enlargement (6x8) agree at (y, x) and (2y, 2x)."""
   pe = _emb(kind)
@@ -41,7 +42,7 @@ def test_fractional_same_at_corresponding_fractions(kind):
   assert not np.allclose(large[1, 1], large[0, 0])  # and the embedding is not constant
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FACTORIZED_KINDS)
 def test_fractional_hides_aspect_ratio(kind):
   """The centre of a 4x8 grid and of a 6x6 grid, r = (0.5, 0.5), embed the same."""
   pe = _emb(kind)
@@ -50,7 +51,7 @@ def test_fractional_hides_aspect_ratio(kind):
   np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FACTORIZED_KINDS)
 @pytest.mark.parametrize("coords", ["fractional", "absolute"])
 def test_y_and_x_are_distinguished(kind, coords):
   pe = _emb(kind, coords)
@@ -59,7 +60,7 @@ def test_y_and_x_are_distinguished(kind, coords):
   assert not np.allclose(out[0, 0], out[0, 1], atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FACTORIZED_KINDS)
 def test_absolute_depends_on_index_not_grid(kind):
   pe = _emb(kind, "absolute")
   a = pe(jnp.asarray([[[2, 3]]]), jnp.asarray([[[4, 8]]]))
@@ -90,3 +91,26 @@ def test_bad_arguments_are_named():
     _emb("sincos", width=18)
   with pytest.raises(ValueError, match=r"\[\.\.\., 2\]"):
     _emb("learned")(jnp.zeros((1, 3, 2), jnp.int32), jnp.zeros((1, 3), jnp.int32))
+
+
+@pytest.mark.parametrize("hw", [(6, 6), (3, 10), (12, 4), (1, 1), (2, 17), (5, 6)])
+def test_learned_2d_resizes_the_table_to_each_grid(hw):
+  """Token by token, the table resized as a whole image is (bilinear, antialiased)."""
+  pe = _emb("learned_2d", resolution=6, width=8)
+  out = pe(*_grid(*hw))[0].reshape(*hw, 8)
+  want = jax.image.resize(pe.table[...], (*hw, 8), "linear", antialias=True)
+  np.testing.assert_allclose(out, want, atol=1e-6)
+  if hw == (6, 6):  # the table's own grid: the table itself, exactly
+    np.testing.assert_array_equal(out, pe.table[...])
+
+
+def test_learned_2d_grids_share_a_packed_row():
+  pe = _emb("learned_2d", resolution=4, width=8)
+  (pa, ha), (pb, hb) = _grid(2, 7), _grid(5, 3)
+  row = pe(jnp.concatenate([pa, pb], 1), jnp.concatenate([ha, hb], 1))[0]
+  np.testing.assert_array_equal(row, jnp.concatenate([pe(pa, ha)[0], pe(pb, hb)[0]]))
+
+
+def test_learned_2d_is_fractional_only():
+  with pytest.raises(ValueError, match="'absolute'"):
+    _emb("learned_2d", "absolute")

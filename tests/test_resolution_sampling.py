@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from navit_clip.config import default_config
-from navit_clip.data.resolution_sampling import (ResolutionSampler, fit_patch_budget, fit_to_length,
-                                        size_for_side, truncnorm_side, uniform_side)
+from navit_clip.data.resolution_sampling import (ResolutionSampler, fit_patch_budget,
+                                                 naflex_size, size_for_side, truncnorm_side,
+                                                 uniform_side)
 
 P = 16
 sizes = st.integers(1, 30_000)
@@ -108,9 +109,12 @@ def test_fixed_area_gives_that_many_patches():
   assert (out_h, out_w) == (224, 224)
 
 
-def test_fit_to_length_only_shrinks_when_needed():
-  assert fit_to_length((64, 96), P, 256) == (64, 96)
-  out_h, out_w = fit_to_length((480, 640), P, 256)
+def test_fit_patch_budget_without_upscale_only_shrinks_when_needed():
+  # max_upscale = 1: the native size rounded to patches, shrunk only to fit (inference's
+  # "native" policy).
+  assert fit_patch_budget(64, 96, P, 256, max_upscale=1.0) == (64, 96)
+  assert fit_patch_budget(60, 100, P, 256, max_upscale=1.0) == (64, 96)
+  out_h, out_w = fit_patch_budget(480, 640, P, 256, max_upscale=1.0)
   assert (out_h // P) * (out_w // P) <= 256 and out_h < 480 and out_w < 640
   assert consistent_scale(480, 640, out_h, out_w, P)
 
@@ -125,3 +129,16 @@ def test_from_config_and_bad_inputs():
     size_for_side(0, 10, 64, P)
   with pytest.raises(ValueError, match="too little mass"):
     truncnorm_side(np.random.default_rng(0), 64, 384, mean=50.0, std=1.0)
+
+
+@pytest.mark.parametrize("hw,patch,budget,want", [
+    # Sizes that transformers' Siglip2ImageProcessor gives: the scale stops at 100 for a
+    # 1 x 1 image, and a 1:600 strip keeps one row of patches.
+    ((8, 40), 4, 64, (16, 64)), ((40, 8), 4, 64, (64, 16)), ((20, 36), 4, 64, (24, 40)),
+    ((17, 29), 4, 24, (16, 24)), ((48, 48), 4, 24, (16, 16)),
+    ((1, 1), 16, 256, (112, 112)), ((5, 3000), 16, 256, (16, 4096)),
+])
+def test_naflex_size_rounds_up_and_fits_the_budget(hw, patch, budget, want):
+  got = naflex_size(*hw, patch, budget)
+  assert got == want
+  assert (got[0] // patch) * (got[1] // patch) <= budget

@@ -4,8 +4,10 @@ The multi-device checks run this file as a script in a subprocess with 8 fake CP
 (the pytest process has already started JAX with one).
 """
 
+import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -14,12 +16,13 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from navit_clip import sharding
+from navit_clip import activation_sharding, sharding
 
 MESHES = ("data:8", "data:2,fsdp:4", "data:2,fsdp:2,model:2")
-# (mesh, loss) pairs checked against one device; the chunked losses are tested on every
-# mesh in test_chunked_loss.py, here one runs inside the full step on the richest mesh.
-STEPS = tuple((m, "sigmoid") for m in MESHES) + (("data:2,fsdp:2,model:2", "sigmoid_chunked"),)
+# (mesh, chunked) pairs of the sigmoid loss checked against one device; the chunked losses
+# are tested on every mesh in test_chunked_loss.py, here one runs inside the full step on
+# the richest mesh.
+STEPS = tuple((m, False) for m in MESHES) + (("data:2,fsdp:2,model:2", True),)
 FSDP_MESHES = ("data:8", "data:4,fsdp:2", "data:2,fsdp:4", "fsdp:8")
 RTOL_LOSS = 1e-5  # relative, on each step's loss
 ATOL_PARAMS = 1e-5  # absolute, on every parameter after two Adam steps of lr 1e-3 (1%)
@@ -86,15 +89,15 @@ def test_parse_rules_rejects_bad_rules():
 
 def test_constrain_batch_splits_rows_only_on_a_multi_device_mesh():
   x = np.ones((8, 4, 2), np.float32)
-  assert sharding.constrain_batch(x) is x  # no mesh set
+  assert activation_sharding.constrain_batch(x) is x  # no mesh set
   auto = (AxisType.Auto,) * len(sharding.MESH_AXES)
   for sizes, constrained in (((1, 1, 1), False), ((2, 4, 1), True)):
     with jax.sharding.use_abstract_mesh(AbstractMesh(sizes, sharding.MESH_AXES,
                                                      axis_types=auto)):
-      eqns = jax.make_jaxpr(sharding.constrain_batch)(x).eqns
+      eqns = jax.make_jaxpr(activation_sharding.constrain_batch)(x).eqns
     assert [e.primitive.name for e in eqns] == (["sharding_constraint"] if constrained else [])
     if constrained:
-      assert eqns[0].params["sharding"].spec == P(sharding.BATCH_AXES)
+      assert eqns[0].params["sharding"].spec == P(activation_sharding.BATCH_AXES)
 
 
 def _run_child(*args) -> dict:
@@ -111,9 +114,9 @@ def step_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh, loss", STEPS)
-def test_sharded_step_equals_one_device(step_results, mesh, loss):
-  r = step_results[f"{mesh} {loss}"]
+@pytest.mark.parametrize("mesh, chunked", STEPS)
+def test_sharded_step_equals_one_device(step_results, mesh, chunked):
+  r = step_results[f"{mesh} chunked={chunked}"]
   np.testing.assert_allclose(r["losses"], step_results["one-device"]["losses"],
                              rtol=RTOL_LOSS)
   assert r["max_param_diff"] <= ATOL_PARAMS
@@ -195,14 +198,15 @@ def _child_init(config, mesh):
   return (graphdef, rest, tx), state, shardings
 
 
-def _child_train(config, mesh, loss_name):
-  """Two train steps on `mesh`: (losses, final state)."""
+def _child_train(config, mesh, chunked):
+  """Two train steps on `mesh`, the loss chunked or not: (losses, final state)."""
   from navit_clip.optim import frozen_mask, make_schedule
   from navit_clip.train import make_train_step
 
+  config.loss.chunked = chunked
   (graphdef, rest, tx), state, shardings = _child_init(config, mesh)
-  step = jax.jit(make_train_step(graphdef, rest, tx, make_schedule(config.optim, 10),
-                                 loss_name, 1, frozen_mask(config.optim, state["params"])),
+  step = jax.jit(make_train_step(graphdef, rest, tx, make_schedule(config.optim, 10), 1,
+                                 frozen_mask(config.optim, state["params"])),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)))
   with jax.set_mesh(mesh):
@@ -216,27 +220,37 @@ def _child_train(config, mesh, loss_name):
 
 
 def _child_steps(config, devices):
-  """Losses and largest parameter difference from one device, per (mesh, loss) of STEPS."""
-  losses, state, _ = _child_train(config, sharding.make_mesh("data:1", devices[:1]),
-                                  "sigmoid")
+  """Losses and largest parameter difference from one device, per (mesh, chunked) of STEPS."""
+  losses, state, _ = _child_train(config, sharding.make_mesh("data:1", devices[:1]), False)
   out = {"one-device": {"losses": losses}}
   reference = jax.device_get(state["params"])
-  for spec, loss in STEPS:
-    losses, state, _ = _child_train(config, sharding.make_mesh(spec), loss)
+  for spec, chunked in STEPS:
+    losses, state, _ = _child_train(config, sharding.make_mesh(spec), chunked)
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                          jax.device_get(state["params"]), reference)
-    out[f"{spec} {loss}"] = {"losses": losses, "max_param_diff": max(jax.tree.leaves(diffs))}
+    out[f"{spec} chunked={chunked}"] = {"losses": losses,
+                                        "max_param_diff": max(jax.tree.leaves(diffs))}
   return out
+
+
+def _bench_bytes_per_device():
+  """bench/sharding_memory.py's count of one device's bytes from the shard shapes."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "sharding_memory.py"
+  spec = importlib.util.spec_from_file_location("sharding_memory", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.bytes_per_device
 
 
 def _child_bytes(config, devices):
   """Bytes of parameters and optimizer state on device 0, per mesh of FSDP_MESHES."""
+  bytes_per_device = _bench_bytes_per_device()
   sizes = {}
   for spec in FSDP_MESHES:
     _, state, shardings = _child_init(config, sharding.make_mesh(spec))
     sizes[spec] = {
         "params": _device0_bytes(state["params"], devices[0]),
-        "params_from_shapes": sharding.bytes_per_device(state["params"], shardings["params"]),
+        "params_from_shapes": bytes_per_device(state["params"], shardings["params"]),
         "opt_state": _device0_bytes(state["opt_state"], devices[0]),
     }
     params = state["params"]

@@ -5,10 +5,9 @@ import os
 
 import pytest
 
-from data_fixtures import encode, image_array, jpeg, webdataset_shards
+from data_fixtures import encode, image_array, jpeg, webdataset_shards, write_tfrecords
 from navit_clip.config import eval_config
 from navit_clip.data.sources.tf_example import encode_example
-from navit_clip.data.sources.tfrecord import write_tfrecords
 from navit_clip.evaluate.datasets import load_eval_data
 from navit_clip.evaluate.embedder import Embedder
 from navit_clip.evaluate.inference_batches import Skipped, inference_batches

@@ -1,4 +1,8 @@
-"""Text tower: shapes, caption masking at EOS, pooling, causal attention, empty captions."""
+"""Text tower: shapes, caption masking at EOS, pooling, causal attention, empty captions.
+
+The masking tests run every pool that reads real tokens only; "last" reads the padding too
+(SigLIP's text tower) and has tests of its own.
+"""
 
 import functools
 import itertools
@@ -11,10 +15,10 @@ from flax import nnx
 
 from navit_clip import config
 from navit_clip.attention import attention
-from navit_clip.text.tower import TextTower, caption_segments
+from navit_clip.text.tower import TEXT_POOLS, TextTower, caption_segments
 
 VOCAB, T, EOS, OUT = 32, 8, 1, 16
-POOLS = config.TEXT_POOLS
+POOLS = tuple(p for p in TEXT_POOLS if p != "last")
 POOL_CAUSAL = list(itertools.product(POOLS, (False, True)))
 
 # Two captions (EOS at 3 and 5) then an empty slot; ids after EOS are padding (0).
@@ -82,6 +86,15 @@ def test_eos_pool_reads_each_captions_eos():
   assert np.abs(m.proj(feats[:, -1]) - want).max() > 1e-3  # not the last position
 
 
+def test_last_pool_reads_the_last_position_and_the_padding():
+  m = tower("last")
+  feats, segment_ids = m.token_features(jnp.asarray(TOKENS[:2]))
+  np.testing.assert_array_equal(segment_ids, 1)  # no padding mask
+  np.testing.assert_allclose(m(TOKENS[:2]), m.proj(feats[:, -1]), atol=1e-6)
+  sticky = np.where(TOKENS[:2] == 0, EOS, TOKENS[:2])  # padded with EOS instead of 0
+  assert np.abs(m(sticky) - m(TOKENS[:2])).max() > 1e-3
+
+
 @pytest.mark.parametrize("causal", (False, True))
 def test_no_gradient_reaches_tokens_after_eos(causal):
   m = tower("eos", causal)
@@ -113,7 +126,7 @@ def test_causal_features_do_not_see_later_tokens():
     assert np.abs(after[0, 3:6] - before[0, 3:6]).max() > 1e-3
 
 
-@pytest.mark.parametrize("pool,causal", POOL_CAUSAL)
+@pytest.mark.parametrize("pool,causal", [*POOL_CAUSAL, ("last", False)])
 def test_empty_captions_are_finite_with_finite_gradients(pool, causal):
   m = tower(pool, causal, depth=1)
   empty = np.zeros((2, T), np.int32)
@@ -149,7 +162,7 @@ def test_bad_inputs_are_named():
   with pytest.raises(TypeError, match="integer"):
     m(np.zeros((1, T), np.float32))
   with pytest.raises(ValueError, match="pool"):
-    tower("last")
+    tower("cls")
 
 
 def test_from_config_and_validation():

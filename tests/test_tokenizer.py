@@ -45,6 +45,20 @@ def test_encode_pads_after_eos(model_path):
   assert t.decode(out) == ["a cat", "", "the big red dog sits on a mat"]
 
 
+def test_pad_id_chooses_the_padding_after_eos(model_path):
+  """SigLIP's layout: the caption, EOS, then EOS again to the end (sticky EOS)."""
+  plain = tok.Tokenizer(model_path, max_len=12).encode(["a cat", "the big red dog"])
+  sticky = tok.Tokenizer(model_path, max_len=12, pad_id=1)
+  out = sticky.encode(["a cat", "the big red dog"])
+  for row, want in zip(out, plain):
+    eos = int(np.flatnonzero(want == 1)[0])
+    np.testing.assert_array_equal(row[:eos + 1], want[:eos + 1])
+    assert (row[eos:] == 1).all()
+  assert sticky.pad_id == 1 and sticky.decode(out) == ["a cat", "the big red dog"]
+  with pytest.raises(ValueError, match="pad_id 40 is not an id"):
+    tok.Tokenizer(model_path, max_len=12, pad_id=VOCAB)
+
+
 def test_encode_truncates_and_keeps_eos_last(model_path):
   long = " ".join(["green tree"] * 20)
   full = tok.Tokenizer(model_path, max_len=64).encode([long])[0]

@@ -2,9 +2,10 @@
 
 An encoded caption is a row of T int32 ids: its pieces, then EOS, then padding. A caption
 longer than T keeps its first T - 1 pieces and still ends with EOS, so every encoded caption
-holds exactly one EOS, and the text tower reads a caption up to its first EOS. What follows
-the EOS is never read, so the padding id only has to be a valid id: models without a pad
-piece (pad id -1) pad with id 0.
+holds an EOS, and the text tower reads a caption up to its first EOS. What follows the EOS
+is read only by towers that pool the last position (SigLIP's), so for the others the
+padding id only has to be a valid id: models without a pad piece (pad id -1) pad with id 0,
+and `pad_id` chooses another (SigLIP pads with EOS).
 
 Models trained here use the T5 ids (pad 0, EOS 1, unk 2, no BOS); `lowercase=True` at
 training time stores case folding in the model itself (normalisation rule "nmt_nfkc_cf").
@@ -19,6 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from navit_clip.errors import MissingInputError, UserError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 MODEL_TYPES = ("unigram", "bpe")
@@ -35,13 +38,18 @@ class Tokenizer:
     max_len: T, the length of every encoded caption, EOS included (>= 1).
     lowercase: lowercase captions before encoding, for models trained on lowercased text
       that do not fold case themselves (e.g. SigLIP's English T5 tokenizer).
+    pad_id: the id written after EOS; None = the model's pad id. It matters only to text
+      towers that read the padding (pool "last"): SigLIP pads with EOS (1), SigLIP 2 with
+      the Gemma pad id (0).
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    ValueError: `path` is not a SentencePiece model, or the model has no EOS piece.
+    ValueError: `path` is not a SentencePiece model, the model has no EOS piece, or `pad_id`
+      is not one of its ids.
   """
 
-  def __init__(self, path: str | os.PathLike, max_len: int, *, lowercase: bool = False):
+  def __init__(self, path: str | os.PathLike, max_len: int, *, lowercase: bool = False,
+               pad_id: int | None = None):
     self.path = os.fspath(path)
     if max_len < 1:
       raise ValueError(f"Tokenizer max_len must be >= 1 (room for EOS), got {max_len}")
@@ -58,7 +66,10 @@ class Tokenizer:
     if self._sp.eos_id() < 0:
       raise ValueError(f"SentencePiece model {self.path!r} has no EOS piece; captions must "
                        "end with EOS")
-    self.max_len, self.lowercase = max_len, lowercase
+    if pad_id is not None and not 0 <= pad_id < self._sp.GetPieceSize():
+      raise ValueError(f"Tokenizer pad_id {pad_id} is not an id of {self.path!r} "
+                       f"(0..{self._sp.GetPieceSize() - 1})")
+    self.max_len, self.lowercase, self._pad_id = max_len, lowercase, pad_id
 
   @property
   def vocab_size(self) -> int:
@@ -71,8 +82,8 @@ class Tokenizer:
 
   @property
   def pad_id(self) -> int:
-    """The model's pad id, or 0 for models without a pad piece (harmless: see module doc)."""
-    return max(self._sp.pad_id(), 0)
+    """The `pad_id` given, else the model's pad id, or 0 for models without a pad piece."""
+    return max(self._sp.pad_id(), 0) if self._pad_id is None else self._pad_id
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """Captions -> int32 [N, T]: pieces, EOS, pad; truncated to T - 1 pieces + EOS."""
@@ -163,17 +174,56 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, out_path: str | os
 
 def train_from_file(input_path: str | os.PathLike, vocab_size: int,
                     out: str | os.PathLike, lowercase: bool = False) -> None:
-  """Trains a tokenizer on a text file of one caption per line (UTF-8) and writes `out`."""
+  """Trains a tokenizer on a text file of one caption per line (UTF-8) and writes `out`.
+
+  Raises:
+    MissingInputError: `input_path` does not exist.
+    UserError: `input_path` is not UTF-8 text (names the byte offset), or as
+      `train_tokenizer`.
+  """
   input_path = os.fspath(input_path)
   if not os.path.isfile(input_path):
-    raise FileNotFoundError(f"caption file {input_path!r} does not exist")
+    raise MissingInputError(f"caption file {input_path!r} does not exist")
+  reader = _CaptionFileLines(input_path)
+  try:
+    train_tokenizer(reader, vocab_size, out, lowercase=lowercase)
+  except ValueError:
+    if reader.error is not None:  # SentencePiece reports it only as a failed training
+      raise reader.error from None
+    raise
 
-  def lines() -> Iterator[str]:
-    with open(input_path, encoding="utf-8") as f:
-      for line in f:
-        yield line.rstrip("\n")
 
-  train_tokenizer(lines(), vocab_size, out, lowercase=lowercase)
+class _CaptionFileLines:
+  """The lines of a UTF-8 text file; keeps the UserError that stopped the reading.
+
+  A byte that is not UTF-8, or a NUL byte (a binary file), stops the reading with a
+  UserError naming the file and the byte offset.
+  """
+
+  def __init__(self, path: str):
+    self.path, self.error = path, None
+
+  def __iter__(self) -> Iterator[str]:
+    offset = 0
+    with open(self.path, "rb") as f:
+      for raw in f:
+        yield self._decode(raw, offset)
+        offset += len(raw)
+
+  def _decode(self, raw: bytes, offset: int) -> str:
+    nul = raw.find(b"\0")
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      self.error = UserError(f"caption file {self.path!r} is not UTF-8 text: byte "
+                             f"{raw[e.start]:#04x} at offset {offset + e.start} "
+                             f"({e.reason})")
+      raise self.error from None
+    if nul >= 0:
+      self.error = UserError(f"caption file {self.path!r} is not text: a NUL byte at "
+                             f"offset {offset + nul}")
+      raise self.error
+    return text.rstrip("\r\n")
 
 
 class _CountingIterator:

@@ -1,5 +1,7 @@
-"""Record sources: random-access (ArrayRecord, folders, demo) and streamed (webdataset
-tar shards, TFRecord files), all yielding records of one schema:
+"""navit_clip.data.sources: record sources, random-access and streamed, of one schema.
+
+Random-access: ArrayRecord, folders, demo; streamed: webdataset tar shards, TFRecord files.
+Each yields records of one schema:
 
   image         encoded bytes (with "image_format": the declared format / file name) or a
                 decoded uint8 [H, W, C] array

@@ -6,39 +6,93 @@ Random access lets the pipeline shuffle globally, with a new order each epoch.
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 
-from navit_clip.data.counters import SKIP_KEY, skip_marker
+from navit_clip.data.counters import FAILED_FILES_KEY, SKIP_KEY, skip_marker
 from navit_clip.data.sources.tf_example import ExampleKeys, example_to_record
+
+log = logging.getLogger(__name__)
+
+
+def _why_unreadable(path: str) -> str | None:
+  """Why ArrayRecord file `path` cannot be opened, or None."""
+  try:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+      return "not a regular file"
+    grain.sources.ArrayRecordDataSource([path])
+  except Exception as e:  # the reader raises RuntimeError, or anything, on damaged files
+    return f"{type(e).__name__}: {e}"[:200]
+  return None
+
+
+def _open_readable(paths: list[str]) -> tuple[Any, list[str]]:
+  """(a Grain source over the readable files, the unreadable ones), all opened once when
+  every file is fine."""
+  if all(os.path.isfile(p) for p in paths):
+    try:
+      return grain.sources.ArrayRecordDataSource(paths), []
+    except Exception:  # some file is damaged: find which
+      pass
+  why = {p: _why_unreadable(p) for p in paths}
+  bad = [p for p in paths if why[p] is not None]
+  for p in bad:
+    log.warning("ArrayRecord file %s cannot be read (%s); counted as unreadable_file", p,
+                why[p])
+  good = [p for p in paths if why[p] is None]
+  if not good:
+    raise ValueError(f"ArrayRecord files: none of the {len(paths)} can be read (first: "
+                     f"{bad[0]!r}: {why[bad[0]]})")
+  return grain.sources.ArrayRecordDataSource(good), bad
 
 
 class ArrayRecordSource:
   """Random-access Grain source over ArrayRecord files of Examples.
 
-  Record i is `example_to_record` of the i-th Example (over the files in order); its
-  example id is the "example_id" feature if present, else i. A record that cannot be read
-  becomes an "unreadable_record" skip marker.
+  Record i is `example_to_record` of the i-th Example (over the readable files in order);
+  its example id is the "example_id" feature if present, else i. A record that cannot be
+  read becomes an "unreadable_record" skip marker; a file that cannot be opened (damaged,
+  truncated, not a regular file) takes one index after the records, an "unreadable_file"
+  marker carrying FAILED_FILES_KEY, so that the skip counter weighs it by its share of the
+  files.
+
+  Raises:
+    ValueError: no file can be read, or the files hold no record.
   """
 
   def __init__(self, paths: Sequence[str], keys: ExampleKeys = ExampleKeys()):
     if not paths:
       raise ValueError("ArrayRecordSource needs at least one file")
     self.paths, self.keys = list(paths), keys
-    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    self._source, self._unreadable = _open_readable(self.paths)
+    self._records = len(self._source)
+    if not self._records:
+      raise ValueError(f"ArrayRecord files {self.paths[0]!r} ({len(self.paths)} files) hold "
+                       "no records")
 
   def __len__(self) -> int:
-    return len(self._source)
+    return self._records + len(self._unreadable)
+
+  def _unreadable_file(self, index: int) -> dict[str, Any]:
+    marker = skip_marker("unreadable_file", index)
+    marker[FAILED_FILES_KEY] = (f"ArrayRecord files from {self.paths[0]!r}",
+                                len(self._unreadable), len(self.paths))
+    return marker
 
   def __getitem__(self, index) -> dict[str, Any]:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"ArrayRecordSource index {index} out of range [0, {len(self)})")
+    if index >= self._records:
+      return self._unreadable_file(index)
     try:
       data = self._source[index]
-    except (OSError, RuntimeError, ValueError):
+    except Exception:  # a damaged record: the reader's errors are not documented
       return skip_marker("unreadable_record", index)
     record = example_to_record(data, self.keys)
     if record.get(SKIP_KEY) or "example_id" not in record:

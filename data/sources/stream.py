@@ -15,21 +15,63 @@ expensive part, still happens once per record.
 
 A reader is a picklable object with `read(path, offset) -> iterator of (record,
 next_offset)`: records from the byte `offset` of the file, each with the offset at which
-reading resumes after it. Records without an example id get `file_id << 32 | n` (n-th
-record of the file, from 0), so ids are unique across files and hosts.
+reading resumes after it; a reader that cannot read the rest of a file yields a skip
+marker with the offset FAILED_FILE_END. Records without an example id get
+`file_id << 32 | n` (n-th record of the file, from 0), so ids are unique across files and
+hosts.
+
+One bad file never ends a run: an exception from a reader becomes a "read_error" skip
+marker that ends that file, and a marker that ends a file carries (stream name, files
+failed so far in this pass, files) under FAILED_FILES_KEY, so that the skip counter can stop
+a run whose files are mostly unreadable. A pass over all files that yields no usable record
+(every shard empty or unreadable) raises EmptyPassError naming the files, instead of
+looping over them forever.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import hashlib
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
 import numpy as np
 
+from navit_clip.data.counters import FAILED_FILES_KEY, SKIP_KEY, is_skip, skip_marker
+
+log = logging.getLogger(__name__)
+
 ID_FILE_SHIFT = 32  # example_id = file_id << ID_FILE_SHIFT | record number in the file
-ID_MIXTURE_SHIFT = 48  # mixtures add component << ID_MIXTURE_SHIFT
+ID_MIXTURE_SHIFT = 48  # mixture ids: component << ID_MIXTURE_SHIFT | id (see mixture_id)
+MAX_MIXTURE_COMPONENTS = 1 << 14  # components in bits 48..61: exact ids stay below 2**62
+FAILED_FILE_END = 1 << 62  # the offset after a file that ended in error: nothing more is read
+_HASHED_ID = 1 << 62  # mixture ids of hashed ids are in [2**62, 2**63)
+
+
+class EmptyPassError(ValueError):
+  """A whole pass over a stream's files yielded no usable record."""
+
+
+def mixture_id(component: int, example_id: int) -> int:
+  """The example id of component `component`'s record `example_id` in a mixture.
+
+  Unique across components, deterministic, and within int64 for any id: an id in
+  [0, 2**48) (every id the readers derive, most datasets' own) becomes
+  `component << 48 | id`, exact and readable back; any other id (negative, or a 64-bit
+  hash id) becomes 2**62 | a 62-bit hash of (component, id), a range the exact ids never
+  reach (two of n such ids meet with probability about n**2 / 2**63).
+  """
+  if not 0 <= component < MAX_MIXTURE_COMPONENTS:
+    raise ValueError(f"mixture component {component}: at most {MAX_MIXTURE_COMPONENTS} "
+                     "components")
+  example_id = int(example_id)
+  if 0 <= example_id < 1 << ID_MIXTURE_SHIFT:
+    return component << ID_MIXTURE_SHIFT | example_id
+  digest = hashlib.blake2b(f"{component}:{example_id}".encode(), digest_size=8).digest()
+  return _HASHED_ID | int.from_bytes(digest, "little") & (_HASHED_ID - 1)
 
 
 class Reader(Protocol):
@@ -39,7 +81,8 @@ class Reader(Protocol):
 
 
 class _FileStreamIterator(grain.DatasetIterator):
-  """State: epoch, position in the epoch's file order, open files (pos, offset, n), turn."""
+  """State: epoch, position in the epoch's file order, open files (pos, offset, n), turn,
+  and this pass's usable records and failed files."""
 
   def __init__(self, ds: FileStream):
     super().__init__()
@@ -48,6 +91,8 @@ class _FileStreamIterator(grain.DatasetIterator):
     self._open: list[list[int]] = []  # [position in order, byte offset, records read]
     self._readers: list[Iterator[tuple[dict, int]] | None] = []
     self._order = ds.file_order(0)
+    self._usable, self._failed = 0, 0  # in this pass
+    self._reasons: collections.Counter[str] = collections.Counter()  # for messages only
 
   def _fill(self) -> None:
     while len(self._open) < self._ds.cycle and self._next_file < len(self._order):
@@ -55,40 +100,72 @@ class _FileStreamIterator(grain.DatasetIterator):
       self._readers.append(None)
       self._next_file += 1
 
-  def _reader(self, slot: int) -> Iterator[tuple[dict, int]]:
-    if self._readers[slot] is None:
-      pos, offset, _ = self._open[slot]
-      path = self._ds.paths[self._order[pos]]
-      self._readers[slot] = iter(self._ds.reader.read(path, offset))
-    return self._readers[slot]
+  def _path(self, slot: int) -> str:
+    return self._ds.paths[self._order[self._open[slot][0]]]
+
+  def _next_of(self, slot: int) -> tuple[dict, int] | None:
+    """The next (record, offset) of the file in `slot`, None at its end. A reader's error
+    becomes a "read_error" marker that ends the file."""
+    try:
+      if self._readers[slot] is None:
+        offset = self._open[slot][1]
+        self._readers[slot] = (iter(()) if offset >= FAILED_FILE_END
+                               else iter(self._ds.reader.read(self._path(slot), offset)))
+      return next(self._readers[slot])
+    except StopIteration:
+      return None
+    except Exception as e:  # one bad file must not end the run
+      log.warning("%s: %s: %s; skipping the rest of the file", self._path(slot),
+                  type(e).__name__, e)
+      self._readers[slot] = iter(())
+      return skip_marker("read_error", -1), FAILED_FILE_END
+
+  def _count(self, record: dict, offset: int) -> None:
+    if not is_skip(record):
+      self._usable += 1
+      return
+    self._reasons[record[SKIP_KEY]] += 1
+    if offset >= FAILED_FILE_END:
+      self._failed += 1
+      record[FAILED_FILES_KEY] = (self._ds.name, self._failed, len(self._ds.paths))
+
+  def _next_pass(self) -> None:
+    """Starts the next epoch; raises EmptyPassError after a pass without a usable record."""
+    if not self._usable:
+      raise EmptyPassError(self._ds.empty_pass_message(self._reasons))
+    if self._ds.num_epochs and self._epoch + 1 >= self._ds.num_epochs:
+      raise StopIteration
+    self._epoch += 1
+    self._order, self._next_file, self._turn = self._ds.file_order(self._epoch), 0, 0
+    self._usable, self._failed = 0, 0
+    self._reasons.clear()
 
   def __next__(self) -> dict:
     while True:
       self._fill()
       if not self._open:
-        if self._ds.num_epochs and self._epoch + 1 >= self._ds.num_epochs:
-          raise StopIteration
-        self._epoch += 1
-        self._order, self._next_file, self._turn = self._ds.file_order(self._epoch), 0, 0
+        self._next_pass()
         continue
       slot = self._turn % len(self._open)
-      try:
-        record, offset = next(self._reader(slot))
-      except StopIteration:
+      item = self._next_of(slot)
+      if item is None:
         del self._open[slot], self._readers[slot]
         self._turn = slot
         continue
+      record, offset = item
       pos, _, n = self._open[slot]
       self._open[slot] = [pos, int(offset), n + 1]
       self._turn = slot + 1
       if record.get("example_id", -1) < 0:
         file_id = self._ds.file_ids[self._order[pos]]
         record["example_id"] = file_id << ID_FILE_SHIFT | n
+      self._count(record, offset)
       return record
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self._epoch, "next_file": self._next_file, "turn": self._turn,
-            "open": copy.deepcopy(self._open)}
+            "open": copy.deepcopy(self._open), "usable": self._usable,
+            "failed": self._failed}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._epoch, self._next_file = int(state["epoch"]), int(state["next_file"])
@@ -96,6 +173,9 @@ class _FileStreamIterator(grain.DatasetIterator):
     self._order = self._ds.file_order(self._epoch)
     self._open = [list(map(int, o)) for o in state["open"]]
     self._readers = [None] * len(self._open)
+    # States saved before these counts existed resume as if the pass had been usable.
+    self._usable, self._failed = int(state.get("usable", 1)), int(state.get("failed", 0))
+    self._reasons.clear()
 
 
 class FileStream(grain.IterDataset):
@@ -109,10 +189,12 @@ class FileStream(grain.IterDataset):
     cycle: files read at once, round-robin.
     num_epochs: passes over the files; 0 = endless.
     shuffle_files: False keeps the given order every epoch.
+    name: names the stream in messages and in FAILED_FILES_KEY (default: from the paths).
   """
 
   def __init__(self, paths: Sequence[str], reader: Reader, *, file_ids: Sequence[int],
-               seed: int, cycle: int = 16, num_epochs: int = 0, shuffle_files: bool = True):
+               seed: int, cycle: int = 16, num_epochs: int = 0, shuffle_files: bool = True,
+               name: str = ""):
     super().__init__()
     if not paths:
       raise ValueError("FileStream needs at least one file")
@@ -122,6 +204,18 @@ class FileStream(grain.IterDataset):
     self.paths, self.reader, self.file_ids = list(paths), reader, list(file_ids)
     self.seed, self.cycle, self.num_epochs = seed, cycle, num_epochs
     self.shuffle_files = shuffle_files
+    self.name = name or f"{len(self.paths)} files from {self.paths[0]!r}"
+
+  def empty_pass_message(self, reasons: collections.Counter[str]) -> str:
+    """Why a pass over the files gave nothing to train on, naming the first files."""
+    shown = ", ".join(repr(p) for p in self.paths[:3])
+    more = f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else ""
+    found = (", ".join(f"{k}: {v}" for k, v in reasons.most_common()) if reasons
+             else "every file is empty")
+    return (f"data source {self.name}: a whole pass over its {len(self.paths)} files "
+            f"({shown}{more}) yielded no usable record ({found}). Check that the shards "
+            "hold samples (a shard whose downloads all failed is an empty tar) and match "
+            "the source kind.")
 
   def file_order(self, epoch: int) -> list[int]:
     if not self.shuffle_files:
@@ -138,32 +232,33 @@ class FileStream(grain.IterDataset):
 class _MixedIterator(grain.DatasetIterator):
 
   def __init__(self, ds: MixedStream):
-    super().__init__([p.__iter__() for p in ds.parents])
+    self._streams = [p.__iter__() for p in ds.parents]  # one iterator per component
+    super().__init__(self._streams)
     self._ds, self._k = ds, 0
 
   def __next__(self) -> dict:
     u = np.random.default_rng((self._ds.seed, self._k)).random()
     c = min(int(np.searchsorted(self._ds.cumulative, u, side="right")),
-            len(self._parents) - 1)
-    record = next(self._parents[c])
+            len(self._streams) - 1)
+    record = next(self._streams[c])
     self._k += 1
-    record["example_id"] = int(record["example_id"]) + (c << ID_MIXTURE_SHIFT)
+    record["example_id"] = mixture_id(c, record["example_id"])
     return record
 
   def get_state(self) -> dict[str, Any]:
-    return {"k": self._k, "parents": [p.get_state() for p in self._parents]}
+    return {"k": self._k, "parents": [p.get_state() for p in self._streams]}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._k = int(state["k"])
-    for p, s in zip(self._parents, state["parents"]):
+    for p, s in zip(self._streams, state["parents"]):
       p.set_state(s)
 
 
 class MixedStream(grain.IterDataset):
   """Position k comes from stream c with probability weights[c], drawn from (seed, k).
 
-  Example ids get `c << ID_MIXTURE_SHIFT` added so they stay unique. Ends when the chosen
-  stream ends.
+  Example ids become `mixture_id(c, id)` so they stay unique. Ends when the chosen stream
+  ends.
   """
 
   def __init__(self, parents: Sequence[grain.IterDataset], weights: Sequence[float], *,
@@ -173,6 +268,9 @@ class MixedStream(grain.IterDataset):
     if len(w) != len(parents) or len(w) == 0 or np.any(w < 0) or not w.sum() > 0:
       raise ValueError(f"MixedStream: weights {list(weights)} for {len(parents)} streams; "
                        "need one non-negative weight per stream, not all zero")
+    if len(parents) > MAX_MIXTURE_COMPONENTS:
+      raise ValueError(f"MixedStream: {len(parents)} streams; at most "
+                       f"{MAX_MIXTURE_COMPONENTS}")
     self.cumulative = np.cumsum(w / w.sum())
     self.seed = seed
 

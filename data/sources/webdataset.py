@@ -8,8 +8,14 @@ optionally KEY.cls (a class index).
 Untrusted archives: a sample with a member whose path is absolute or contains "..", a
 link, a device or fifo, or a member larger than `max_member_bytes` becomes a skip marker
 ("tar_unsafe_path", "tar_link", "tar_special", "tar_oversized"); nothing is ever written
-to disk. A sample without an image becomes "no_image"; a truncated or corrupt archive ends
-with "tar_truncated" / "tar_corrupt".
+to disk. A sample without an image becomes "no_image". No read is larger than
+`max_member_bytes` (plus a block): a GNU long-name or PAX header claiming more ends the
+shard with "tar_oversized_header" before anything is allocated. A truncated or corrupt
+archive ends with "tar_truncated" / "tar_corrupt" (any error of the tar parser, or data
+after the point where the parser saw the end: a damaged header), after the sample read
+before the damage; a shard that is not a regular file, or cannot be opened, is
+"unreadable_file". Every marker that ends a shard has the offset FAILED_FILE_END. A
+zero-byte shard holds no samples.
 
 Reading resumes at the byte offset of a sample's first member header (re-reading only the
 headers before it).
@@ -19,15 +25,44 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import tarfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from navit_clip.data.counters import skip_marker
+from navit_clip.data.sources.paths import open_regular
+from navit_clip.data.sources.stream import FAILED_FILE_END
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 _JSON_CAPTION_KEYS = ("caption", "captions", "texts", "text")
-END = 1 << 62  # the offset after a shard that ended in error: a resume reads nothing more
+_CHUNK = 1 << 16
+
+
+class _OversizedRead(Exception):
+  """tarfile asked for more bytes at once than any member may have."""
+
+
+class _BoundedReads:
+  """`f` for tarfile, refusing a read of more than `limit` bytes before it allocates them
+  (tarfile reads what a GNU long-name or PAX header claims, up to terabytes)."""
+
+  def __init__(self, f: BinaryIO, limit: int):
+    self._f, self._limit = f, limit
+
+  def read(self, size: int = -1) -> bytes:
+    if size is None or size < 0 or size > self._limit:
+      raise _OversizedRead(f"a read of {size} bytes (limit {self._limit})")
+    return self._f.read(size)
+
+  def seek(self, *args) -> int:
+    return self._f.seek(*args)
+
+  def tell(self) -> int:
+    return self._f.tell()
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -64,7 +99,7 @@ def sample_to_record(files: dict[str, bytes]) -> dict[str, Any]:
   elif "json" in files:
     try:
       meta = json.loads(files["json"])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
       meta = None
     if isinstance(meta, dict):
       caption = next((meta[k] for k in _JSON_CAPTION_KEYS if k in meta), None)
@@ -78,6 +113,25 @@ def sample_to_record(files: dict[str, bytes]) -> dict[str, Any]:
   return record
 
 
+def _only_zeros_after(f: _BoundedReads, offset: int) -> bool:
+  """Whether the archive holds only zero blocks after `offset`, where tarfile stopped:
+  tarfile takes a damaged or truncated header after the first for the end of the archive."""
+  f.seek(offset)
+  while chunk := f.read(_CHUNK):
+    if chunk.strip(b"\0"):
+      return False
+  return True
+
+
+def _failure(path: str, error: Exception) -> str:
+  """The reason a shard ends at `error` from the tar parser; logged with the shard."""
+  reason = ("tar_oversized_header" if isinstance(error, (_OversizedRead, MemoryError))
+            else "tar_corrupt")
+  log.warning("%s: %s (%s: %s); skipping the rest of the shard", path, reason,
+              type(error).__name__, error)
+  return reason
+
+
 @dataclasses.dataclass(frozen=True)
 class TarReader:
   """Reader of FileStream: webdataset samples of one tar shard."""
@@ -85,44 +139,60 @@ class TarReader:
   max_member_bytes: int = 32 << 20
 
   def read(self, path: str, offset: int) -> Iterator[tuple[dict, int]]:
-    if offset >= END:
+    if offset >= FAILED_FILE_END:
       return
     try:
-      f = open(path, "rb")
-    except OSError:
-      yield skip_marker("unreadable_file", -1), END
+      f = open_regular(path)
+    except OSError as e:
+      log.warning("%s: unreadable_file (%s)", path, e)
+      yield skip_marker("unreadable_file", -1), FAILED_FILE_END
       return
     with f:
+      if os.fstat(f.fileno()).st_size:
+        yield from self._samples(path, _BoundedReads(f, self.max_member_bytes
+                                                     + tarfile.BLOCKSIZE), offset)
+
+  def _samples(self, path: str, f: _BoundedReads, offset: int
+               ) -> Iterator[tuple[dict, int]]:
+    """The samples of the archive `f` whose first member header is at `offset` or later."""
+    try:
+      tar = tarfile.open(fileobj=f, mode="r:")
+    except Exception as e:  # any error of the parser on hostile bytes
+      yield skip_marker(_failure(path, e), -1), FAILED_FILE_END
+      return
+    key, files, refused = None, {}, None
+    while True:
+      header_at = tar.offset
       try:
-        tar = tarfile.open(fileobj=f, mode="r:")
-      except (tarfile.TarError, OSError):
-        yield skip_marker("tar_corrupt", -1), END
+        member = tar.next()
+      except Exception as e:
+        if key is not None:  # the sample read before the damage
+          yield (skip_marker(refused, -1) if refused else sample_to_record(files)), header_at
+        yield skip_marker(_failure(path, e), -1), FAILED_FILE_END
         return
-      key, files, refused = None, {}, None
-      while True:
-        try:
-          member = tar.next()
-        except (tarfile.TarError, OSError):
-          yield skip_marker("tar_corrupt", -1), END
-          return
-        tar.members.clear()  # headers already read; keep memory flat over big shards
-        if member is None:
-          break
-        if member.offset < offset or member.isdir():
-          continue
-        name_key, ext = split_key(member.name)
-        if key is not None and name_key != key:
-          yield (skip_marker(refused, -1) if refused else sample_to_record(files)), member.offset
-          files, refused = {}, None
-        key = name_key
-        reason = refusal(member, self.max_member_bytes)
-        if reason is not None:
-          refused = refused or reason
-          continue
-        try:
-          files[ext] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError):
-          yield skip_marker("tar_truncated", -1), END
-          return
-      if key is not None:
-        yield (skip_marker(refused, -1) if refused else sample_to_record(files)), tar.offset
+      tar.members.clear()  # headers already read; keep memory flat over big shards
+      if member is None:
+        break
+      if member.offset < offset or member.isdir():
+        continue
+      name_key, ext = split_key(member.name)
+      if key is not None and name_key != key:
+        yield (skip_marker(refused, -1) if refused else sample_to_record(files)), member.offset
+        files, refused = {}, None
+      key = name_key
+      reason = refusal(member, self.max_member_bytes)
+      if reason is not None:
+        refused = refused or reason
+        continue
+      try:
+        files[ext] = tar.extractfile(member).read()
+      except Exception as e:
+        log.warning("%s: tar_truncated (%s: %s)", path, type(e).__name__, e)
+        yield skip_marker("tar_truncated", -1), FAILED_FILE_END
+        return
+    if key is not None:
+      yield (skip_marker(refused, -1) if refused else sample_to_record(files)), tar.offset
+    if not _only_zeros_after(f, tar.offset):
+      log.warning("%s: tar_corrupt (a damaged header at byte %d ends the archive early); "
+                  "skipping the rest of the shard", path, tar.offset)
+      yield skip_marker("tar_corrupt", -1), FAILED_FILE_END

@@ -1,4 +1,1 @@
-"""Evaluating trained models: zero-shot classification, retrieval, resolution sweeps.
-
-runner.py runs the evaluators of `config.evals`; restore.py loads a model from a workdir.
-"""
+"""navit_clip.evaluate: zero-shot, retrieval, few-shot and resolution-sweep evaluators."""

@@ -10,6 +10,9 @@
                        images under `images_dir` (default: the JSON's directory)
   karpathy:SPLIT.json  Karpathy's COCO / Flickr30k split file (images[] with filename,
                        split, sentences[].raw); `split` picks test / val / train
+                       (for both, an image path that leaves the image folder, absolute or
+                       through "..", is refused: a skipped "unsafe_path"; a malformed file
+                       is a ValueError naming it)
   tfrecord:GLOB        TFRecord files of tf.train.Example, streamed: an int label feature
                        (config.data.label_field) for zero-shot, captions
                        (config.data.example_keys.caption) for retrieval; class names from
@@ -32,12 +35,12 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
+from navit_clip.data.captions import usable_captions
 from navit_clip.data.sources.demo import DemoSource, zero_shot_tasks
 from navit_clip.data.pipeline import example_keys, make_stream
 from navit_clip.data.sources.arrayrecord import ArrayRecordSource
-from navit_clip.data.sources.folder import ClassFolderSource
+from navit_clip.data.sources.folder import ClassFolderSource, RootedFiles
 from navit_clip.data.sources.paths import expand_paths
-from navit_clip.evaluate.files import ImageFiles
 from navit_clip.evaluate.stream_captions import StreamCaptions
 
 KINDS = ("demo", "folder", "arrayrecord", "coco", "karpathy", "tfds", "tfrecord",
@@ -82,30 +85,65 @@ def _demo(arg: str, config: ml_collections.ConfigDict) -> EvalData:
                   templates=task.templates)
 
 
+def _annotation_images(path: str, kind: str) -> tuple[dict, list[dict]]:
+  """(the JSON object of annotation file `path`, its "images" entries).
+
+  Raises:
+    ValueError: naming the file, when it is not JSON or has no list of image objects.
+  """
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      data = json.load(f)
+  except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+    raise ValueError(f"dataset {kind}:{path}: not a valid JSON file ({e})") from None
+  images = data.get("images") if isinstance(data, dict) else None
+  if not isinstance(images, list) or not all(isinstance(im, dict) for im in images):
+    raise ValueError(f"dataset {kind}:{path}: expected a JSON object whose 'images' is a "
+                     "list of objects")
+  return data, images
+
+
+def _relative_path(*parts) -> str | None:
+  """An annotation's image path from its parts; None if a part is not a string (then the
+  source refuses it as "unsafe_path")."""
+  return os.path.join(*parts) if all(isinstance(p, str) for p in parts) else None
+
+
 def _coco(path: str, images_dir: str) -> EvalData:
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
+  data, images = _annotation_images(path, "coco")
+  annotations = data.get("annotations")
+  if not isinstance(annotations, list) or any(
+      not isinstance(im.get("id"), int) or isinstance(im.get("id"), bool) for im in images):
+    raise ValueError(f"dataset coco:{path}: expected an 'annotations' list and an integer "
+                     "'id' on every image")
   root = images_dir or os.path.dirname(os.path.abspath(path))
-  images = sorted(data["images"], key=lambda im: im["id"])
+  images = sorted(images, key=lambda im: im["id"])
   index = {im["id"]: i for i, im in enumerate(images)}
   captions: dict[int, list[str]] = {i: [] for i in range(len(images))}
-  for ann in data["annotations"]:
-    if ann["image_id"] in index:
-      captions[index[ann["image_id"]]].append(ann["caption"].strip())
-  paths = [os.path.join(root, im["file_name"]) for im in images]
-  return EvalData(ImageFiles(paths), f"coco:{path}", captions=captions)
+  for ann in annotations:
+    image_id = ann.get("image_id") if isinstance(ann, dict) else None
+    if isinstance(image_id, int) and image_id in index:
+      captions[index[image_id]].extend(usable_captions(ann.get("caption")))
+  rels = [_relative_path(im.get("file_name")) for im in images]
+  return EvalData(RootedFiles(root, rels), f"coco:{path}", captions=captions)
+
+
+def _karpathy_captions(image: dict) -> list[str]:
+  sentences = image.get("sentences")
+  if not isinstance(sentences, list):
+    return []
+  return usable_captions([s.get("raw") for s in sentences if isinstance(s, dict)])
 
 
 def _karpathy(path: str, split: str, images_dir: str) -> EvalData:
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
+  _, images = _annotation_images(path, "karpathy")
   root = images_dir or os.path.dirname(os.path.abspath(path))
-  images = [im for im in data["images"] if im.get("split") == split]
+  images = [im for im in images if im.get("split") == split]
   if not images:
     raise ValueError(f"dataset karpathy:{path} has no images in split {split!r}")
-  paths = [os.path.join(root, im.get("filepath", ""), im["filename"]) for im in images]
-  captions = {i: [s["raw"].strip() for s in im["sentences"]] for i, im in enumerate(images)}
-  return EvalData(ImageFiles(paths), f"karpathy:{path}", captions=captions)
+  rels = [_relative_path(im.get("filepath", ""), im.get("filename")) for im in images]
+  captions = {i: _karpathy_captions(im) for i, im in enumerate(images)}
+  return EvalData(RootedFiles(root, rels), f"karpathy:{path}", captions=captions)
 
 
 class _TfdsRecords:

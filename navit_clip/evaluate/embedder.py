@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from navit_clip.data.batch import device_fields
+
 TEXT_BATCH = 256  # texts per compiled call; the last call is padded to it
 
 
@@ -22,7 +24,7 @@ class Embedder:
 
   def images(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
     """Packed batch -> L2-normalised float32 [B, M, D] (zero in empty slots)."""
-    device_batch = {k: v for k, v in batch.items() if k not in ("example_id", "labels")}
+    device_batch = device_fields(batch, drop=("labels",))  # embedding reads no labels
     return np.asarray(self._images(self._state, device_batch))
 
   def texts(self, tokens: np.ndarray, batch_size: int = TEXT_BATCH) -> np.ndarray:

@@ -23,13 +23,11 @@ import numpy as np
 from navit_clip.data.batch import BatchSpec
 from navit_clip.data.counters import NOTES_KEY, SKIP_KEY, is_skip
 from navit_clip.data.decode import DecodeLimits
-from navit_clip.data.pack import Packer
+from navit_clip.data.pack import pack
 from navit_clip.data.preprocess import Preprocessor
 from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.data.sources.stream import WorkerStride
 from navit_clip.data.token_drop import TokenDropper
-
-PACK_WINDOW = 256  # pending images the inference packer chooses from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +55,7 @@ def _preprocessed(source, preprocess: Preprocessor, start: int,
 def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
                       label_field: str | None = None, start: int = 0, stop: int | None = None,
                       num_workers: int = 0, limits: DecodeLimits = DecodeLimits(),
+                      resample: str = "bilinear", draft: bool = True,
                       skipped: list[Skipped] | None = None,
                       on_records: Callable[[int], None] | None = None
                       ) -> Iterator[dict[str, np.ndarray]]:
@@ -73,6 +72,8 @@ def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
     start, stop: the record range (stop None = the end); a stream starts at 0.
     num_workers: Grain worker processes for decoding (0 = in this process).
     limits: what the decoder refuses (see navit_clip.data.decode).
+    resample, draft: the resize filter and whether JPEGs may be decoded at reduced scale
+      (the policy's `resample` and `draft`).
     skipped: unusable records are appended here (and never packed).
     on_records: called with the number of records consumed so far (a progress hook).
 
@@ -84,17 +85,13 @@ def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
   preprocess = Preprocessor(patch_size=spec.patch_size, sampler=sampler,
                             dropper=TokenDropper(kind="none"), seed=0,
                             label_field=label_field, num_classes=spec.num_classes or 0,
-                            limits=limits)
+                            limits=limits, draft=draft, resample=resample)
   ds = _preprocessed(source, preprocess, start, stop)
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  elements = iter(ds)
-  consumed = 0
 
-  def pull() -> dict | None:
-    nonlocal consumed
-    for element in elements:
-      consumed += 1
+  def usable() -> Iterator[dict]:
+    for consumed, element in enumerate(ds, 1):
       if on_records is not None:
         on_records(consumed)
       if is_skip(element):
@@ -102,9 +99,6 @@ def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
           skipped.append(Skipped(int(element["example_id"]), str(element[SKIP_KEY])))
         continue
       element.pop(NOTES_KEY, None)
-      return element
-    return None
+      yield element
 
-  packer = Packer(spec, "window_best_fit", window=PACK_WINDOW)
-  while (batch := packer.next_batch(pull)) is not None:
-    yield batch
+  yield from pack(usable(), spec, "window_best_fit")

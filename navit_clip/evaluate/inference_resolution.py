@@ -3,10 +3,17 @@
   budget:N   the largest size, aspect kept, with at most N patches (e.g. "budget:256")
   side:S     area S*S pixels, aspect kept (S is the geometric mean of height and width)
   native     the image's own size rounded to patches, shrunk only to fit a row
+  naflex:N   SigLIP 2 NaFlex's image processor: aspect kept, each side rounded up to whole
+             patches, at most N patches (`naflex_size`); bilinear, decoded at full size
+  square:S   SigLIP's image processor: squashed to S x S with the bicubic filter, decoded at
+             full size; a side that is not a multiple of the patch loses its last rows and
+             columns, as the processor's strided convolution ignores them
 
-Every policy is deterministic and maps onto a `ResolutionSampler`. The packed rows of an
-inference batch must hold the largest image a policy can produce, so the policy also sets
-the default row length (`inference_spec`).
+Every policy is deterministic and maps onto a sampler of target sizes (a
+`ResolutionSampler`, or `NaflexSampler` / `SquareSampler` here), a resize filter and a
+decode mode. The packed rows of an inference batch must hold the largest image a policy
+can produce, so the policy also sets the default row length (`inference_spec`).
+An imported checkpoint records its processor's policy in `config.inference_resolution`.
 """
 
 from __future__ import annotations
@@ -15,12 +22,60 @@ import dataclasses
 import math
 
 import ml_collections
+import numpy as np
 
+from navit_clip.choices import naming
 from navit_clip.data.batch import BatchSpec
 from navit_clip.data.pipeline import batch_spec
-from navit_clip.data.resolution_sampling import ResolutionSampler
+from navit_clip.data.resolution_sampling import ResolutionSampler, naflex_size
 
-KINDS = ("budget", "side", "native")
+KINDS = ("budget", "side", "native", "naflex", "square")
+PROCESSOR_KINDS = ("naflex", "square")  # reproduce an image processor: full decode
+
+
+def check_config(policy: str, key: str = "config.inference_resolution") -> None:
+  """Raises ValueError "KEY = 'x': ..." unless `policy` parses as a policy."""
+  with naming(key, policy):
+    ResolutionPolicy.parse(policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class NaflexSampler:
+  """The sizes of policy naflex:N: `naflex_size` at min(N, max_patches) patches."""
+
+  patch_size: int
+  max_patches: int
+  budget: int
+
+  def sample(self, rng: np.random.Generator, h: int, w: int) -> tuple[int, int, bool]:
+    """(height, width, shrunk) of an (h, w) image; `rng` is not used."""
+    del rng
+    height, width = naflex_size(h, w, self.patch_size, min(self.budget, self.max_patches))
+    if self.budget <= self.max_patches:
+      return height, width, False
+    wanted = naflex_size(h, w, self.patch_size, self.budget)
+    return height, width, wanted != (height, width)
+
+
+@dataclasses.dataclass(frozen=True)
+class SquareSampler:
+  """The size of policy square:S: (S, S) for every image."""
+
+  patch_size: int
+  max_patches: int
+  side: int
+
+  def __post_init__(self):
+    grid = self.side // self.patch_size
+    if grid < 1 or grid * grid > self.max_patches:
+      raise ValueError(f"resolution policy square:{self.side} gives {grid} x {grid} patches "
+                       f"of {self.patch_size} px; rows of {self.max_patches} tokens need "
+                       f"1 to {self.max_patches} of them")
+
+  def sample(self, rng: np.random.Generator, h: int, w: int) -> tuple[int, int, bool]:
+    """(S, S, False) whatever the image's (h, w); `rng` is not used."""
+    del rng, h, w
+    return self.side, self.side, False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +93,7 @@ class ResolutionPolicy:
 
   @classmethod
   def parse(cls, text: str | int) -> ResolutionPolicy:
-    """"budget:256", "256" (a budget), "side:224" or "native"."""
+    """"budget:256", "256" (a budget), "side:224", "native", "naflex:256" or "square:224"."""
     text = str(text).strip()
     if text == "native":
       return cls("native")
@@ -48,8 +103,8 @@ class ResolutionPolicy:
     try:
       return cls(kind, int(value))
     except ValueError:
-      raise ValueError(f"resolution policy {text!r}: expected 'budget:N', 'N', 'side:S' or "
-                       "'native'") from None
+      raise ValueError(f"resolution policy {text!r}: expected 'budget:N', 'N', 'side:S', "
+                       "'native', 'naflex:N' or 'square:S'") from None
 
   def __str__(self) -> str:
     return "native" if self.kind == "native" else f"{self.kind}:{self.value}"
@@ -59,15 +114,34 @@ class ResolutionPolicy:
 
     Native images can be of any size; they are shrunk to the row (0 here).
     """
-    if self.kind == "budget":
+    if self.kind in ("budget", "naflex"):
       return self.value
+    if self.kind == "square":
+      return (self.value // patch_size) ** 2
     if self.kind == "side":
       # Rounding each side to the nearest patch adds at most half a patch per side.
       return math.ceil(self.value / patch_size + 1) ** 2
     return 0
 
-  def sampler(self, patch_size: int, seq_len: int, max_upscale: float) -> ResolutionSampler:
-    """The ResolutionSampler of this policy for rows of `seq_len` tokens."""
+  @property
+  def resample(self) -> str:
+    """The resize filter of `navit_clip.data.patchify.resize`: bicubic for square:S."""
+    return "bicubic" if self.kind == "square" else "bilinear"
+
+  @property
+  def draft(self) -> bool:
+    """Whether JPEGs may be decoded at reduced scale; never for an image processor's
+    policy, which decodes at full size before resizing."""
+    return self.kind not in PROCESSOR_KINDS
+
+  def sampler(self, patch_size: int, seq_len: int, max_upscale: float
+              ) -> ResolutionSampler | NaflexSampler | SquareSampler:
+    """The sampler of this policy for rows of `seq_len` tokens (naflex and square ignore
+    `max_upscale`, as their processors do)."""
+    if self.kind == "naflex":
+      return NaflexSampler(patch_size=patch_size, max_patches=seq_len, budget=self.value)
+    if self.kind == "square":
+      return SquareSampler(patch_size=patch_size, max_patches=seq_len, side=self.value)
     if self.kind == "budget":
       return ResolutionSampler(kind="patch_budget", patch_size=patch_size, max_patches=seq_len,
                                patch_budget=self.value, max_upscale=max_upscale)

@@ -17,7 +17,8 @@ import ml_collections
 from flax import nnx
 
 from navit_clip.checkpoint import Checkpointer, restore_params
-from navit_clip.config import default_config
+from navit_clip.config_defaults import default_config
+from navit_clip.errors import MissingInputError, UserError, as_user_errors
 from navit_clip.model import build_model
 
 
@@ -38,17 +39,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path!r} does not exist; is {workdir!r} a training workdir?")
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+    raise MissingInputError(f"{path!r} does not exist; is {workdir!r} a training workdir?")
   config = default_config()
-  config.update(saved)
+  with open(path, encoding="utf-8") as f, as_user_errors(path, (ValueError, TypeError)):
+    config.update(json.load(f))
   return config
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The complete checkpoint steps in `workdir/checkpoints`, ascending."""
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     return []
   ckpt = Checkpointer(directory)
@@ -59,14 +59,18 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def restore_model(workdir: str, step: int | None = None) -> Restored:
-  """The model trained in `workdir` at checkpoint `step` (the latest if None)."""
+  """The model trained in `workdir` at checkpoint `step` (the latest if None).
+
+  `workdir` may be relative (Orbax needs absolute paths; it is made absolute here).
+  """
+  workdir = os.path.abspath(workdir)
   config = load_config(workdir)
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise FileNotFoundError(f"no complete checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    raise MissingInputError(f"no complete checkpoint in {os.path.join(workdir, 'checkpoints')}")
   step = steps[-1] if step is None else int(step)
   if step not in steps:
-    raise ValueError(f"no checkpoint at step {step} in {workdir!r}; steps: {steps}")
+    raise UserError(f"no checkpoint at step {step} in {workdir!r}; steps: {steps}")
   abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   if jax.tree.leaves(rest):  # non-parameter state (e.g. RNG keys) is built, not restored

@@ -1,0 +1,289 @@
+"""Embedding images with a SigLIP 2 NaFlex B/16-sized tower: packed rows, one image a row,
+and transformers' Siglip2 NaFlex vision model. Prints figures; not a test.
+
+  .venv/bin/python bench/pretrained_embedding.py                   # ours, packed vs one a row
+  .venv/bin/python bench/pretrained_embedding.py --reference-python /work/torchV/bin/python
+  .venv/bin/python bench/pretrained_embedding.py --small           # mu/16, 64 images: smoke
+
+One random B/16 NaFlex image tower in our format (learned 16 x 16 position table resized
+to each grid, MAP head; `transformers_siglip.configure`) embeds 500 ImageNet-like images
+(bench/packing.py's native sizes) under policy naflex:256, the NaFlex processor's default:
+  packed L=1024   rows of 1024 tokens, several images a row (window best-fit), 8 rows a call
+  packed L=512    rows of 512 tokens, 16 rows a call
+  one a row       rows of 256 tokens, one image each, padded to 256 (what transformers'
+                  NaFlex batches are), 32 rows a call
+Every layout gets the same 8192 tokens a call. With --reference-python (a Python with
+torch and transformers), a subprocess loads the same weights into transformers'
+Siglip2VisionModel (sdpa attention) and embeds the same patches, 32 images a call with
+its pixel_attention_mask; it is timed in turn with ours, so that load changes hit all.
+Model-only images/s (batches built beforehand, compile and warm-up excluded; the median
+of the rounds), the padding of each layout, and the largest difference of each layout's
+embeddings from the one-a-row ones (and transformers').
+
+Our xla attention backend scores every pair of a packed row (L x L) and masks the
+cross-image pairs away, so packing several images a row costs attention FLOPs that one
+image a row does not (at L=1024 with about 4 images, 4x the attention scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from navit_clip.config import default_config
+from navit_clip.data.batch import BatchSpec
+from navit_clip.data.pack import pack
+from navit_clip.data.patchify import patchify
+from navit_clip.data.resolution_sampling import naflex_size
+from navit_clip.image_tower import ImageTower
+from navit_clip.transformers_siglip import Architecture, configure
+from navit_clip.variants import parse_variant
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from packing import native_sizes  # noqa: E402  (bench/packing.py: ImageNet-like sizes)
+
+TOKENS_PER_CALL = 8192
+LAYOUTS = (("packed L=1024", 1024, 8), ("packed L=512", 512, 4), ("one a row", 256, 1))
+REFERENCE_NAME = "transformers"
+
+
+def tower_config(variant: str, budget: int):
+  """config.model.image of a SigLIP 2 NaFlex tower of `variant` ("B/16")."""
+  size, patch = parse_variant(variant)
+  side = int(np.sqrt(budget))
+  arch = Architecture(naflex=True, vision=size, text=size, patch_size=patch, channels=3,
+                      posemb_side=side, image_size=0, vocab_size=32000, text_len=64)
+  config = default_config()
+  configure(config, arch)
+  return config.model.image
+
+
+def naflex_examples(n: int, patch: int, budget: int, seed: int = 0) -> list[dict]:
+  """n images at their naflex:budget sizes, random pixels, patchified."""
+  rng = np.random.default_rng(seed)
+  examples = []
+  for i, (h, w) in enumerate(native_sizes(n, rng)):
+    size = naflex_size(h, w, patch, budget)
+    pixels = rng.integers(0, 256, (*size, 3), np.uint8)
+    patches, positions, grid = patchify(pixels, patch)
+    examples.append(dict(patches=patches, positions=positions, grid_hw=grid, example_id=i))
+  return examples
+
+
+def layout_batches(examples: list[dict], seq_len: int, max_images: int, patch: int) -> list:
+  spec = BatchSpec(batch_size=TOKENS_PER_CALL // seq_len, seq_len=seq_len,
+                   max_images=max_images, patch_size=patch)
+  return list(pack(iter(examples), spec, "window_best_fit"))
+
+
+def padding(batches: list[dict]) -> float:
+  return float(1 - np.mean([(b["segment_ids"] > 0).mean() for b in batches]))
+
+
+def embed_fn(tower: ImageTower):
+  graphdef, state = nnx.split(tower)
+  keys = ("patches", "segment_ids", "positions", "grid_hw", "image_mask")
+
+  @jax.jit
+  def run(state, batch):
+    return nnx.merge(graphdef, state)({k: batch[k] for k in keys})[0]
+
+  def embed(batches: list[dict]) -> dict[int, np.ndarray]:
+    out = {}
+    for batch in batches:
+      emb = np.asarray(run(state, {k: jnp.asarray(batch[k]) for k in keys}))
+      mask = batch["image_mask"]
+      out.update(zip(batch["example_id"][mask].tolist(), emb[mask]))
+    return out
+
+  return embed
+
+
+def to_transformers(params: dict, depth: int) -> dict[str, np.ndarray]:
+  """Our image tower's parameters under transformers' Siglip2VisionModel names."""
+  def linear(p):
+    return {"weight": np.asarray(p["kernel"]).T, "bias": np.asarray(p["bias"])}
+
+  def norm(p):
+    return {"weight": np.asarray(p["scale"]), "bias": np.asarray(p["bias"])}
+
+  tree = {"embeddings.patch_embedding": linear(params["embedding"]),
+          "post_layernorm": norm(params["encoder"]["norm"]),
+          "head.layernorm": norm(params["head"]["norm"]),
+          "head.attention.out_proj": linear(params["head"]["attn"]["out"])}
+  table = np.asarray(params["posemb"]["table"])
+  tree["embeddings.position_embedding"] = {"weight": table.reshape(-1, table.shape[-1])}
+  for i in range(depth):
+    block, name = params["encoder"]["blocks"][i], f"encoder.layers.{i}"
+    tree[f"{name}.layer_norm1"], tree[f"{name}.layer_norm2"] = (norm(block["norm1"]),
+                                                                norm(block["norm2"]))
+    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
+                         ("out", "out_proj")):
+      tree[f"{name}.self_attn.{theirs}"] = linear(block["attn"][ours])
+    for fc in ("fc1", "fc2"):
+      tree[f"{name}.mlp.{fc}"] = linear(block["mlp"][fc])
+  for fc in ("fc1", "fc2"):
+    tree[f"head.mlp.{fc}"] = linear(params["head"]["mlp"][fc])
+  head = params["head"]["attn"]
+  qkv = [linear(head[k]) for k in ("query", "key", "value")]
+  tree["head.attention"] = {"in_proj_weight": np.concatenate([p["weight"] for p in qkv]),
+                            "in_proj_bias": np.concatenate([p["bias"] for p in qkv])}
+  tree["head"] = {"probe": np.asarray(params["head"]["probe"])[None]}
+  return {f"vision_model.{module}.{leaf}": value for module, leaves in tree.items()
+          for leaf, value in leaves.items()}
+
+
+REFERENCE_SCRIPT = r'''
+import json, sys, time
+import numpy as np, torch, transformers
+folder, rows = sys.argv[1], int(sys.argv[2])
+meta = json.load(open(f"{folder}/meta.json"))
+data = np.load(f"{folder}/inputs.npz")
+pixels = torch.from_numpy(data["patches"].astype(np.float32) / 127.5 - 1.0)
+mask, shapes = torch.from_numpy(data["mask"]), torch.from_numpy(data["grids"])
+config = transformers.Siglip2VisionConfig(**meta["config"])
+model = transformers.Siglip2VisionModel(config).eval()
+prefixed = next(iter(model.state_dict())).startswith("vision_model.")  # differs by version
+weights = {(k if prefixed else k.removeprefix("vision_model.")): torch.from_numpy(v)
+           for k, v in np.load(f"{folder}/weights.npz").items()}
+model.load_state_dict(weights, strict=True)
+calls = [slice(s, s + rows) for s in range(0, len(pixels), rows)]
+
+@torch.no_grad()
+def embed():
+  return torch.cat([model(pixel_values=pixels[c], pixel_attention_mask=mask[c],
+                          spatial_shapes=shapes[c]).pooler_output for c in calls])
+
+np.save(f"{folder}/embeddings.npy", embed().numpy())  # also the warm-up
+print(json.dumps({"ready": True, "torch": torch.__version__,
+                  "transformers": transformers.__version__,
+                  "attention": model.config._attn_implementation}), flush=True)
+for line in sys.stdin:
+  start = time.perf_counter()
+  embed()
+  print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+'''
+
+
+class Reference:
+  """transformers' Siglip2VisionModel in a subprocess of `python`, on the same weights and
+  patches; `seconds()` times one pass over all images."""
+
+  def __init__(self, python: str, folder: str, examples: list[dict], params: dict,
+               image_config, budget: int):
+    size, patch = parse_variant(image_config.variant)
+    n = len(examples)
+    patches = np.zeros((n, budget, patch * patch * 3), np.uint8)
+    mask = np.zeros((n, budget), np.int32)
+    for i, e in enumerate(examples):
+      patches[i, :len(e["patches"])], mask[i, :len(e["patches"])] = e["patches"], 1
+    grids = np.stack([e["grid_hw"] for e in examples]).astype(np.int64)
+    np.savez(os.path.join(folder, "inputs.npz"), patches=patches, mask=mask, grids=grids)
+    np.savez(os.path.join(folder, "weights.npz"), **to_transformers(params, size.depth))
+    config = dict(hidden_size=size.width, intermediate_size=size.mlp_dim,
+                  num_hidden_layers=size.depth, num_attention_heads=size.num_heads,
+                  patch_size=patch, num_patches=image_config.posemb_resolution ** 2)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+      json.dump({"config": config}, f)
+    self.folder = folder
+    self.proc = subprocess.Popen(
+        [python, "-c", REFERENCE_SCRIPT, folder, str(TOKENS_PER_CALL // budget)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = self._reply()
+
+  def _reply(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the reference subprocess ended (exit {self.proc.wait()})")
+    return json.loads(line)
+
+  def embeddings(self) -> dict[int, np.ndarray]:
+    return dict(enumerate(np.load(os.path.join(self.folder, "embeddings.npy"))))
+
+  def seconds(self) -> float:
+    self.proc.stdin.write("run\n")
+    self.proc.stdin.flush()
+    return self._reply()["seconds"]
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def timed(embed, batches) -> float:
+  start = time.perf_counter()
+  embed(batches)
+  return time.perf_counter() - start
+
+
+def report(n: int, rates: dict, pads: dict, diffs: dict) -> None:
+  base = rates["one a row"]
+  print(f"{'layout':15s} {'padding':>8s} {'images/s':>9s} {'vs one a row':>13s} "
+        f"{'max |diff|':>11s}")
+  for name, rate in rates.items():
+    print(f"{name:15s} {pads[name]:8.1%} {rate:9.2f} {rate / base:12.2f}x "
+          f"{diffs[name]:11.1e}")
+  if REFERENCE_NAME in rates:
+    ref = rates[REFERENCE_NAME]
+    print("vs transformers: " + ", ".join(f"{name} {rate / ref:.2f}x" for name, rate
+                                          in rates.items() if name != REFERENCE_NAME))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--small", action="store_true", help="mu/16 and 64 images: a smoke run")
+  p.add_argument("--images", type=int, default=500)
+  p.add_argument("--repeats", type=int, default=3, help="timed rounds")
+  p.add_argument("--reference-python", default="",
+                 help="a Python with torch and transformers: also time transformers")
+  args = p.parse_args()
+  variant, n, budget = ("mu/16", 64, 256) if args.small else ("B/16", args.images, 256)
+  image_config = tower_config(variant, budget)
+  tower = ImageTower.from_config(image_config, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(tower, nnx.Param))
+  patch = tower.patch_size
+  examples = naflex_examples(n, patch, budget)
+  layouts = {name: layout_batches(examples, seq_len, m, patch)
+             for name, seq_len, m in LAYOUTS}
+  embed = embed_fn(tower)
+  outputs = {name: embed(batches) for name, batches in layouts.items()}  # compile
+  with tempfile.TemporaryDirectory() as folder:
+    reference = (Reference(args.reference_python, folder, examples, params, image_config,
+                           budget) if args.reference_python else None)
+    times = {name: [] for name in [*layouts, *([REFERENCE_NAME] if reference else [])]}
+    for _ in range(args.repeats):
+      for name, batches in layouts.items():
+        times[name].append(timed(embed, batches))
+      if reference:
+        times[REFERENCE_NAME].append(reference.seconds())
+    if reference:
+      outputs[REFERENCE_NAME] = reference.embeddings()
+      reference.close()
+  single = outputs["one a row"]
+  diffs = {name: max(float(np.abs(out[k] - single[k]).max()) for k in single)
+           for name, out in outputs.items()}
+  pads = {name: padding(batches) for name, batches in layouts.items()}
+  if reference:
+    pads[REFERENCE_NAME] = 1 - sum(len(e["patches"]) for e in examples) / (n * budget)
+  rates = {name: n / statistics.median(t) for name, t in times.items()}
+  print(f"{variant} SigLIP 2 NaFlex image tower, {n} ImageNet-like images at naflex:{budget} "
+        f"(mean {np.mean([len(e['patches']) for e in examples]):.0f} patches), "
+        f"{TOKENS_PER_CALL} tokens a call, {jax.devices()[0].platform}, median of "
+        f"{args.repeats} rounds"
+        + (f"; reference {json.dumps(reference.info)}" if reference else ""))
+  report(n, rates, pads, diffs)
+
+
+if __name__ == "__main__":
+  main()
