@@ -43,9 +43,9 @@ class TimedCheckpointer(Checkpointer):
   wait_each = False
   times: list[float] = []
 
-  def save(self, step, state, data_iterator=None):
+  def save(self, step, state, data_iterator=None, **kwargs):
     start = time.perf_counter()
-    began = super().save(step, state, data_iterator)
+    began = super().save(step, state, data_iterator, **kwargs)
     if self.wait_each:
       self.wait()
     TimedCheckpointer.times.append(time.perf_counter() - start)

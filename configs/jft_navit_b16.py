@@ -4,8 +4,8 @@ Multi-label sigmoid cross-entropy over 29,593 classes (records carry a list of c
 indices in "labels"), images resized to r^2 pixels with r ~ U(64, 256) and the aspect ratio
 kept, resolution-dependent token dropping from 10% of 16 patches to 70% of 256 (NaViT
 section 3.3; about 4.1 images a row, bench/recipe_packing.py), Adafactor with an rsqrt
-schedule at peak lr 8e-4. The paper decays the head with 3.0 and the body with 0.03; one
-decay rate applies here (0.03 on every kernel).
+schedule at peak lr 8e-4. Weight decay 0.03 on the body's kernels and 100x that, 3.0, on
+the head's, as the paper and big_vision's JFT recipes (wd_mults) do.
 """
 
 from navit_clip.config import default_config
@@ -34,6 +34,7 @@ def get_config(arg: str = ""):
   c.optim.warmup_steps = 10_000
   c.optim.cooldown_steps = 50_000
   c.optim.weight_decay = 0.03
+  c.optim.wd_mults = "head/kernel=100"  # then wd_regex: every other kernel x1
   c.train.total_steps = 500_000
   c.train.checkpoint_every = 5_000
   return c

@@ -50,6 +50,7 @@ from navit_clip.data.sources.tfrecord import TFRecordReader
 from navit_clip.data.sources.webdataset import TarReader
 from navit_clip.data.token_drop import TokenDropper
 from navit_clip.data.token_drop import check_config as check_token_drop
+from navit_clip.data.workers import WorkerStartShield, init_worker
 from navit_clip.variants import parse_variant
 from navit_clip.text.tokenizer import Tokenizer
 
@@ -371,7 +372,8 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int 
     ds = records.map_with_index(preprocess).to_iter_dataset()
   else:
     ds = records.map(preprocess.on_pair)
-  if d.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+  if d.num_workers > 0:  # workers leave SIGINT / SIGTERM to this process, and end with it
+    ds = WorkerStartShield(ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=d.num_workers), worker_init_fn=init_worker))
   return PackedBatchDataset(_count_skips(ds, config, _source_name(config)), spec,
                             packer=d.packer, window=d.pack_window, bins=d.pack_bins)

@@ -1,11 +1,30 @@
-"""Orbax checkpoints of the train state together with the Grain iterator state.
+"""Orbax checkpoints of the train state together with the Grain iterator state, verified.
 
 Each checkpoint step holds two items: "state" (the train-state pytree, restored onto
 whatever shardings the abstract target carries) and "data" (the Grain iterator state, so a
 resumed run sees exactly the batches the unbroken run would have). Saves are asynchronous
-and atomic: Orbax writes to a temporary directory and renames it when complete, so an
-interrupted save is never restored (a leftover temporary directory is ignored, and the
-trainer's Checkpointer deletes it).
+and atomic: Orbax writes to a temporary directory, writes its commit marker
+(commit_success.txt) last, and renames the directory when complete, so an interrupted
+save is never restored (a leftover temporary directory is ignored, and the trainer's
+Checkpointer deletes it).
+
+Orbax itself checks no array bytes (a flipped bit restores silently) and takes any
+directory named by a number for a checkpoint. So:
+- every save records checksums in the step's own metadata (Orbax's _CHECKPOINT_METADATA,
+  committed with the step): for each array of the state its name, shape, dtype and a
+  64-bit checksum of its bytes, computed on the devices from the logical array
+  (`state_checksums`: no host copy, and any mesh restores and checks it), and the SHA-256
+  of each process's iterator state;
+- a step directory without the commit marker is incomplete: never listed or restored,
+  and the writer (the trainer) sets it aside as `<step>.incomplete` when it opens;
+- `restore` of the latest step restores the newest step that passes every check, falling
+  back past damaged ones (a file that cannot be read, a checksum that does not match)
+  with a warning naming the step and the fault; once an older step restored, the writer
+  renames the damaged ones to `<step>.damaged` (nothing is deleted). No intact step at all
+  is a DamagedCheckpointError naming each step's fault;
+- a step whose arrays are not the ones asked for (names, shapes, dtypes) is not damage but
+  another run's state: CheckpointMismatchError, no fallback.
+Checkpoints saved without checksums restore unverified, with a warning.
 
 `restore_params` reads only the parameters (or a part of them) of a saved train state:
 evaluation and initialising from another run use it, and never read optimizer state.
@@ -13,19 +32,159 @@ evaluation and initialising from another run use it, and never read optimizer st
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 import os
+from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from navit_clip import storage
+from navit_clip.errors import MissingInputError, UserError
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, then renames the step in
+STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata file
+_HASH_SEEDS = (np.uint32(0x9E3779B9), np.uint32(0x7F4A7C15))  # two 32-bit lanes
+_INDEX_MULT = np.uint32(0x85EBCA77)
+
+
+class DamagedCheckpointError(UserError):
+  """A checkpoint step, or every step of a directory, fails its checks; says which, why.
+
+  `fault` is the why alone ("checksum mismatch in ...").
+  """
+
+  def __init__(self, message: str, fault: str = ""):
+    super().__init__(message)
+    self.fault = fault or message
+
+
+class CheckpointMismatchError(UserError):
+  """A checkpoint holds other arrays than the state asked for (another model or optimizer)."""
+
+
+@dataclasses.dataclass
+class Restored:
+  """A restored checkpoint: its step, the state, and the `run_metadata` it was saved with."""
+
+  step: int
+  state: Any
+  run_metadata: dict
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every bit."""
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bytes of `x` as uint32 words: [*shape] (1, 2, 4-byte dtypes), [*shape, 2] (8)."""
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  if size >= 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """uint32 [*shape]: each element's row-major position (mod 2^32), built without reshape
+  so that a sharded array stays sharded."""
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return index
+
+
+def _checksum(x: jax.Array) -> tuple[jax.Array, ...]:
+  """Two uint32 [] lanes: sum over words w at position i of fmix32(w ^ fmix32(i * c + s)).
+
+  Each term is a bijection of its word, so changing any one word changes the sum for sure;
+  the position key catches moved words. Integer sums are exact in any order: the result
+  does not depend on how the array is sharded.
+  """
+  words = _words(jnp.asarray(x))
+  keys = _flat_index(words.shape) * _INDEX_MULT
+  return tuple(jnp.sum(_fmix32(words ^ _fmix32(keys + seed)), dtype=jnp.uint32)
+               for seed in _HASH_SEEDS)
+
+
+_device_checksums = jax.jit(lambda leaves: [_checksum(x) for x in leaves])
+
+
+def _names(tree) -> list[str]:
+  """The "/"-joined path of every leaf of `tree`, in leaf order."""
+  return [jax.tree_util.keystr(path, simple=True, separator="/")
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def state_checksums(state) -> dict[str, dict]:
+  """{leaf name: {"shape", "dtype", "sum": 16 hex digits}} of a pytree of arrays.
+
+  Computed on the devices the arrays live on (every process of a multi-process run calls
+  it together, as it saves); only the 8-byte sums come to the host.
+  """
+  leaves = jax.tree.leaves(state)
+  sums = jax.device_get(_device_checksums(leaves))
+  return {name: {"shape": list(np.shape(x)), "dtype": str(jnp.asarray(x).dtype),
+                 "sum": f"{int(a):08x}{int(b):08x}"}
+          for name, x, (a, b) in zip(_names(state), leaves, sums)}
+
+
+def _data_checksum(iterator_state) -> str:
+  """SHA-256 of a Grain iterator state in canonical JSON (as it reads back from a file)."""
+  canonical = json.dumps(json.loads(json.dumps(iterator_state)), sort_keys=True,
+                         separators=(",", ":"))
+  return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _per_process(digest: str) -> list[str]:
+  """Every process's hex `digest` (all the same length), by process index."""
+  if jax.process_count() == 1:
+    return [digest]
+  words = np.frombuffer(bytes.fromhex(digest), np.uint32)
+  return [np.asarray(w, np.uint32).tobytes().hex()
+          for w in multihost_utils.process_allgather(words)]
+
+
+def _everywhere(ok: bool) -> bool:
+  """Whether `ok` holds on every process (processes agree on which step they restore)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _brief(error: BaseException, limit: int = 240) -> str:
+  """The type and text of `error` on one line, at most `limit` characters of text."""
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 class Checkpointer:
-  """Saves and restores (train state, data iterator) under `directory`."""
+  """Saves and restores (train state, data iterator) under `directory`, verified."""
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3,
                keep_period: int | None = None, async_save: bool = True,
-               cleanup_tmp: bool = False):
+               writer: bool = False):
     """Opens (or creates) `directory`.
 
     Args:
@@ -33,57 +192,214 @@ class Checkpointer:
       max_to_keep: keep the last K checkpoints (None: all) ...
       keep_period: ... and every checkpoint whose step is a multiple of this, forever.
       async_save: write in a background thread; `save` blocks only to copy to the host.
-      cleanup_tmp: delete the temporary directories of interrupted saves on opening. Only
-        for the one writer of `directory` (a reader would delete a save in progress).
+      writer: this is the one writer of `directory` (the trainer): on opening it deletes
+        the temporary directories of interrupted saves and sets incomplete steps aside,
+        and `restore` sets damaged steps aside. A reader must not (it would delete a save
+        in progress).
     """
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
+    self._writer = writer
+    if writer and jax.process_index() == 0 and storage.isdir(self.directory):
+      for name in storage.listdir(self.directory):
+        if name.isdigit() and not self._committed(name):
+          self._set_aside(name, "incomplete", f"no {COMMIT_MARKER}")
+    if writer:  # every process of the run opens it; a reader may be alone
+      _sync("navit_clip_checkpoints_opened")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, keep_period=keep_period,
         enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=cleanup_tmp)
+        cleanup_tmp_directories=writer)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  def _committed(self, step: int | str) -> bool:
+    return storage.isfile(storage.join(self.directory, str(step), COMMIT_MARKER))
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    """The complete (committed) steps, ascending; damage shows only on restore."""
+    return sorted(s for s in self._manager.all_steps() if self._committed(s))
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator | None = None) -> bool:
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator | None = None, *,
+           run_metadata: dict | None = None) -> bool:
     """Starts saving `state` (and the iterator position) at `step`; True if a save began.
 
     The caller decides when to save; every call saves (Orbax's own interval is not used).
+    `run_metadata` (JSON-able) comes back with the state from `restore`. Every process
+    calls it together.
     """
     items = {"state": ocp.args.StandardSave(state)}
+    checksums = {"state": state_checksums(state)}  # before the next step donates `state`
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+      checksums["data"] = _per_process(_data_checksum(data_iterator.get_state()))
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True,
+                              custom_metadata={"checksums": checksums,
+                                               "run": dict(run_metadata or {})})
 
-  def save_and_wait(self, step: int, state,
-                    data_iterator: grain.DatasetIterator | None = None) -> None:
+  def save_and_wait(self, step: int, state, data_iterator: grain.DatasetIterator | None = None,
+                    *, run_metadata: dict | None = None) -> None:
     """Saves at `step` unless that step is already saved, and waits until it is on disk."""
     self.wait()
     if self.latest_step() != step:
-      self.save(step, state, data_iterator)
+      self.save(step, state, data_iterator, run_metadata=run_metadata)
       self.wait()
 
   def restore(self, step: int | None, abstract_state,
-              data_iterator: grain.DatasetIterator | None = None):
-    """Restores the state at `step` (latest if None) shaped and sharded like `abstract_state`.
+              data_iterator: grain.DatasetIterator | None = None) -> Restored:
+    """Restores the checked state at `step`, or the newest intact one if None.
 
-    `abstract_state` is a pytree of jax.ShapeDtypeStruct (with .sharding) or arrays.
-    If `data_iterator` is given, its position is restored in place.
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct (with .sharding) or arrays; the
+    state comes back shaped and sharded like it. If `data_iterator` is given, its position
+    is restored in place.
+
+    Raises:
+      MissingInputError: no complete checkpoint (at `step`).
+      DamagedCheckpointError: `step` is damaged; with None, every step is.
+      CheckpointMismatchError: the checkpoint holds other arrays than `abstract_state`.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    steps = self.all_steps()
+    if step is not None and step not in steps:
+      raise MissingInputError(f"no complete checkpoint at step {step} in {self.directory}; "
+                              f"steps: {steps}")
+    if not steps:
+      raise MissingInputError(f"no complete checkpoint in {self.directory}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    items = {"state": ocp.args.StandardRestore(target)}
+    damaged: list[tuple[int, DamagedCheckpointError]] = []
+    for s in [step] if step is not None else reversed(steps):
+      try:
+        restored = self._restore_agreed(s, target, data_iterator)
+      except DamagedCheckpointError as e:
+        if step is not None:
+          raise
+        log.warning("%s; trying the step before", e)
+        damaged.append((s, e))
+        continue
+      self._set_aside_damaged(damaged)
+      return restored
+    faults = "; ".join(f"step {s}: {e.fault}" for s, e in damaged)
+    raise DamagedCheckpointError(f"no intact checkpoint in {self.directory}: {faults}")
+
+  def _damaged(self, step: int, fault: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(
+        f"checkpoint step {step} in {self.directory} is damaged: {fault}", fault)
+
+  def _restore_agreed(self, step: int, target, data_iterator) -> Restored:
+    """`_restore_checked`, as damaged when any process finds it damaged."""
+    try:
+      restored, fault = self._restore_checked(step, target, data_iterator), None
+    except DamagedCheckpointError as e:
+      restored, fault = None, e
+    if not _everywhere(fault is None):
+      raise fault or self._damaged(step, "another process found it damaged")
+    return restored
+
+  def _restore_checked(self, step: int, target, data_iterator) -> Restored:
+    """Step `step` after every check: metadata, structure, array and iterator checksums."""
+    checksums, run_metadata = self._step_metadata(step)
+    if checksums is None:
+      log.warning("checkpoint step %d in %s has no checksums (saved without them); "
+                  "restoring it unverified", step, self.directory)
+    else:
+      self._check_structure(step, checksums, target, data_iterator is not None)
+    state = self._read(step, "state", ocp.args.StandardRestore(target))
+    if checksums is not None:
+      got = state_checksums(state)
+      bad = [name for name, saved in checksums["state"].items()
+             if saved["sum"] != got[name]["sum"]]
+      if bad:
+        raise self._damaged(step, f"checksum mismatch in {len(bad)} array(s): "
+                                  f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
+      if checksums is not None:
+        self._check_data_file(step, checksums["data"])
+      self._read(step, "data", grain.checkpoint.CheckpointRestore(data_iterator))
+    return Restored(step, state, run_metadata)
+
+  def _step_metadata(self, step: int) -> tuple[dict | None, dict]:
+    """(the checksums, the run metadata) a step was saved with; (None, {}) for neither."""
+    path = storage.join(self.directory, str(step), STEP_METADATA)
+    try:
+      with storage.open(path, "r") as f:
+        custom = json.load(f)["custom_metadata"] or {}
+      checksums, run_metadata = custom.get("checksums"), dict(custom.get("run") or {})
+      if checksums is not None and not all(
+          isinstance(e, dict) and {"shape", "dtype", "sum"} <= e.keys()
+          for e in checksums["state"].values()):
+        raise ValueError("malformed checksums")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise self._damaged(step, f"{STEP_METADATA} cannot be read ({_brief(e)})") from e
+    return checksums, run_metadata
+
+  def _check_structure(self, step: int, checksums: dict, target, with_data: bool) -> None:
+    """Raises CheckpointMismatchError unless `step` holds `target`'s arrays (and data)."""
+    want = {name: (list(x.shape), str(x.dtype))
+            for name, x in zip(_names(target), jax.tree.leaves(target))}
+    have = {name: (list(e["shape"]), e["dtype"]) for name, e in checksums["state"].items()}
+    problems = []
+    for what, names in (("missing", want.keys() - have.keys()),
+                        ("unexpected", have.keys() - want.keys()),
+                        ("another shape or dtype", {n for n in want.keys() & have.keys()
+                                                    if want[n] != have[n]})):
+      if names:
+        problems.append(f"{what}: {', '.join(sorted(names)[:3])}"
+                        f"{', ...' if len(names) > 3 else ''} ({len(names)})")
+    if with_data and "data" not in checksums:
+      problems.append("no data iterator state")
+    if problems:
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} in {self.directory} does not hold this run's state "
+          f"(another model, optimizer or config?): {'; '.join(problems)}")
+
+  def _check_data_file(self, step: int, saved: list[str]) -> None:
+    """Checks this process's iterator state file against its saved checksum."""
+    index, count = jax.process_index(), jax.process_count()
+    path = storage.join(self.directory, str(step), "data", f"process_{index}-of-{count}.json")
+    try:
+      with storage.open(path, "r") as f:
+        got = _data_checksum(json.load(f))
+    except (OSError, ValueError) as e:
+      raise self._damaged(step, f"the data iterator state cannot be read "
+                                f"({_brief(e)})") from e
+    if len(saved) != count or saved[index] != got:
+      raise self._damaged(step, "checksum mismatch in the data iterator state")
+
+  def _read(self, step: int, item: str, args):
+    """One item of step `step`; any error reading it means the files are damaged."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+    except Exception as e:  # Orbax, TensorStore and Grain raise by what broke, many types
+      raise self._damaged(step, f"its {item} item cannot be read ({_brief(e)})") from e
+
+  def _set_aside(self, name: str, why: str, fault: str) -> None:
+    """Renames step directory `name` to `name.why` (or `name.why.K`), out of Orbax's sight.
+
+    Only locally: an object store has no renames (the step stays, skipped on every restore).
+    """
+    if not storage.is_local(self.directory):
+      log.warning("checkpoint step %s in %s is %s (%s); delete it before a save reaches "
+                  "that step", name, self.directory, why, fault)
+      return
+    base = os.path.join(self.directory, name)
+    target, k = f"{base}.{why}", 1
+    while os.path.exists(target):
+      target, k = f"{base}.{why}.{k}", k + 1
+    os.rename(base, target)
+    log.warning("checkpoint step %s in %s is %s (%s); set aside as %s", name, self.directory,
+                why, fault, os.path.basename(target))
+
+  def _set_aside_damaged(self, damaged: list[tuple[int, DamagedCheckpointError]]) -> None:
+    """The writer moves the damaged steps out of the way (a later save may need the name)."""
+    if not (self._writer and damaged):
+      return
+    if jax.process_index() == 0:
+      for step, error in damaged:
+        self._set_aside(str(step), "damaged", error.fault)
+    _sync("navit_clip_damaged_set_aside")
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until any asynchronous save has finished."""
@@ -106,6 +422,9 @@ def restore_params(state_dir: str, abstract_params, shardings=None):
 
   Returns:
     The parameters, with `abstract_params`' structure, as jax.Arrays placed by `shardings`.
+
+  Raises:
+    DamagedCheckpointError: a parameter does not match the checksum saved with the step.
   """
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -117,4 +436,21 @@ def restore_params(state_dir: str, abstract_params, shardings=None):
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    return checkpointer.restore(state_dir, args=args)["params"]
+    params = checkpointer.restore(state_dir, args=args)["params"]
+  _check_params(state_dir, params)
+  return params
+
+
+def _check_params(state_dir: str, params) -> None:
+  """Compares restored `params` with the checksums of their step (if it has them)."""
+  path = storage.join(os.path.dirname(storage.absolute(state_dir).rstrip("/")), STEP_METADATA)
+  try:
+    with storage.open(path, "r") as f:
+      saved = json.load(f)["custom_metadata"]["checksums"]["state"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # a step saved without checksums, or not by a Checkpointer
+  got = state_checksums({"params": params})
+  bad = sorted(name for name in got if name in saved and saved[name]["sum"] != got[name]["sum"])
+  if bad:
+    raise DamagedCheckpointError(f"{state_dir} is damaged: checksum mismatch in {len(bad)} "
+                                 f"parameter(s): {', '.join(bad[:3])}")

@@ -196,9 +196,20 @@ def _optim_defaults() -> ml_collections.ConfigDict:
   o.eps = 1e-8  # adamw only
   o.weight_decay = 1e-4  # decoupled, multiplied by the lr: p -= lr * wd * p
   o.wd_regex = "(.*/)?kernel"  # full match on "/"-joined parameter names
+  # "regex=mult;...": weight decay x mult, first match wins, checked before wd_regex (x1);
+  # names neither matches are not decayed (e.g. "(.*/)?head/kernel=100", JFT's head)
+  o.wd_mults = ""
   o.clip_norm = 1.0  # global gradient norm; 0 = no clipping
   o.lr_mults = ""  # "regex=mult;regex=mult", first match wins; 0 freezes (e.g. "image/.*=0")
   o.grad_accum_steps = 1  # micro-batches per optimizer update
+  # how they combine, when grad_accum_steps = K > 1:
+  #   full_batch       each step takes config.data.batch_size rows, embeds them in K
+  #                    micro-batches and takes the loss over all of them (every row's
+  #                    negatives), gradients exactly the whole batch's; a train step is
+  #                    one update
+  #   per_micro_batch  each step is one micro-batch of config.data.batch_size rows with
+  #                    its own loss (negatives from it alone); every K-th step updates
+  o.grad_accum = "full_batch"
   return o
 
 
@@ -209,6 +220,9 @@ def _loss_defaults() -> ml_collections.ConfigDict:
   loss.init_t = ml_collections.config_dict.placeholder(float)  # None: 10 / 1/0.07
   loss.init_b = ml_collections.config_dict.placeholder(float)  # None: -10 / none (softmax)
   loss.chunked = False  # contrastive: across devices, no global logits (chunked_loss)
+  # contrastive: the train step clamps t to at most max_t after every update; None: 100
+  # (softmax, as CLIP) / no clamp (sigmoid, as SigLIP); 0 = no clamp
+  loss.max_t = ml_collections.config_dict.placeholder(float)
   return loss
 
 
@@ -235,7 +249,7 @@ def _distributed_defaults() -> ml_collections.ConfigDict:
 def _train_defaults() -> ml_collections.ConfigDict:
   """config.train: the run (navit_clip.train)."""
   t = ml_collections.ConfigDict()
-  t.total_steps = 1000  # micro-batches (each one packed batch)
+  t.total_steps = 1000  # train steps, each one packed batch (see config.optim.grad_accum)
   t.log_every = 50
   t.checkpoint_every = 1000
   t.keep_checkpoints = 3  # keep the last K
@@ -243,6 +257,7 @@ def _train_defaults() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0  # device peak for MFU; 0 = measure a matmul at start
   t.tensorboard = True
   t.nonfinite = "stop"  # NaN / Inf loss or gradients: "stop" (raise) | "skip" (the step)
+  t.max_consecutive_nonfinite = 10  # "skip": this many skipped in a row stop the run
   return t
 
 

@@ -12,7 +12,8 @@ L2-normalised (the two-tower model does it, so the same embeddings serve zero-sh
 classification and retrieval), the learned log-temperature t' (t = exp(t')) and an
 optional bias b: logits_ij = t * <img_i, txt_j> + b, and caption j belongs to image j.
 Logits and losses are float32 whatever the input dtype. Every loss returns
-(loss, metrics): a float32 scalar and a dict of float32 scalars.
+(loss, metrics): a float32 scalar and a dict of float32 scalars. `max_logit_scale` is the
+ceiling the trainer clamps t' to after every update (CLIP's t <= 100; SigLIP's t is free).
 
 `contrastive_loss_fn(name, chunked=...)` and `classification_loss_fn(name)` choose a loss
 once, when the model is built (the model holds it). With `chunked=True` a contrastive loss
@@ -49,10 +50,27 @@ def check_config(loss: ml_collections.ConfigDict) -> None:
   if loss.init_b is not None and loss.name != "sigmoid":
     raise ValueError(f"config.loss.init_b = {loss.init_b} is set but loss {loss.name!r} "
                      "has no bias")
+  if loss.max_t is not None:
+    _check_max_t(loss)
+
+
+def _check_max_t(loss: ml_collections.ConfigDict) -> None:
+  """config.loss.max_t: >= 0, a contrastive loss, and not below the initial temperature."""
+  check_range("config.loss.max_t", loss.max_t, 0.0)
+  if loss.name not in CONTRASTIVE_LOSSES:
+    raise ValueError(f"config.loss.max_t applies to the contrastive losses "
+                     f"{list(CONTRASTIVE_LOSSES)}, not {loss.name!r}")
+  init_t = _INIT_T[loss.name] if loss.init_t is None else loss.init_t
+  if loss.max_t and init_t > loss.max_t:
+    raise ValueError(f"config.loss.max_t = {loss.max_t} is below the initial temperature "
+                     f"t = {init_t:g} (config.loss.init_t)")
 
 # Initial temperature t and bias b of each contrastive loss (SigLIP; CLIP has no bias).
 _INIT_T = {"sigmoid": 10.0, "softmax": 1.0 / 0.07}
 _INIT_B = {"sigmoid": -10.0, "softmax": None}
+# The most t may reach: CLIP clamps it at 100 after every update (a larger t makes the
+# softmax unstable); SigLIP leaves it free.
+_MAX_T = {"sigmoid": 0.0, "softmax": 100.0}
 
 # Logit given to masked-out entries of a softmax: finite, so that a fully masked row gives
 # finite values and gradients (an -inf row would give NaN).
@@ -77,6 +95,18 @@ def init_logit_params(name: str, init_t: float | None = None,
                      f"softmax), got init_b = {init_b}")
   b = _INIT_B[name] if init_b is None else init_b
   return math.log(t), b
+
+
+def max_logit_scale(loss: ml_collections.ConfigDict) -> float | None:
+  """The ceiling of t' = log t that the train step clamps t' to after every update.
+
+  `loss` is config.loss: log(max_t) where max_t > 0 (None: 100 for softmax as in CLIP, no
+  ceiling for sigmoid as in SigLIP); None for max_t = 0 and for classification losses.
+  """
+  if loss.name not in CONTRASTIVE_LOSSES:
+    return None
+  max_t = _MAX_T[loss.name] if loss.max_t is None else loss.max_t
+  return math.log(max_t) if max_t > 0 else None
 
 
 def _check_valid(valid: jax.Array, name: str, x: jax.Array, extra_dims: int) -> None:

@@ -2,6 +2,13 @@
 
 Both take a packed batch (navit_clip.data.batch) and keep everything per image slot:
 embeddings and logits are [B, M, ...] beside the slot mask `image_mask` [B, M].
+
+Both split their loss in two, `loss(batch) = loss_on_features(features(batch), batch)`:
+`features` is the towers' work, row by row (a dict of [B, M, D] arrays: rows may be
+embedded in micro-batches and put together), `loss_on_features` the cheap rest over the
+whole batch (the contrastive logits against every row; the classification head). The
+trainer's full-batch gradient accumulation (navit_clip.optim.accumulated_value_and_grad)
+differentiates the two parts apart.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ class TwoTower(nnx.Module):
 
   logits_ij = exp(logit_scale) * <zimg_i, ztxt_j> + logit_bias. The text tower projects to
   the image tower's width, which is the joint embedding dimension. `loss` is the contrastive
-  loss that config.loss chose (name, chunked), fixed when the model is built.
+  loss that config.loss chose (name, chunked), fixed when the model is built. A loss
+  without a bias (softmax: a shift of every logit changes no softmax) has no `logit_bias`
+  parameter (the attribute is None).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -53,8 +62,7 @@ class TwoTower(nnx.Module):
     self.text = TextTower.from_config(config.model.text, self.image.width, rngs=rngs)
     t, b = losses.init_logit_params(config.loss.name, config.loss.init_t, config.loss.init_b)
     self.logit_scale = nnx.Param(jnp.asarray(t, jnp.float32))
-    self.logit_bias = nnx.Param(jnp.asarray(0.0 if b is None else b, jnp.float32))
-    self.has_bias = b is not None
+    self.logit_bias = None if b is None else nnx.Param(jnp.asarray(b, jnp.float32))
     self.loss_fn = losses.contrastive_loss_fn(config.loss.name, chunked=config.loss.chunked)
 
   def embed_images(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -71,11 +79,22 @@ class TwoTower(nnx.Module):
     zimg, mask = self.embed_images(batch)
     return zimg, self.embed_texts(batch["text_tokens"]), mask
 
+  def features(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Packed batch -> {"img", "txt": L2-normalised float32 [B, M, D]}, row by row."""
+    zimg, ztxt, _ = self(batch)
+    return {"img": zimg, "txt": ztxt}
+
+  def loss_on_features(self, features: Mapping[str, jax.Array],
+                       batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """`features` of all of `batch`'s rows -> (float32 loss [], float32 scalar metrics) of
+    `loss_fn`, every caption of the batch a candidate for every image."""
+    bias = None if self.logit_bias is None else self.logit_bias[...]
+    return self.loss_fn(features["img"], features["txt"], batch["image_mask"].astype(bool),
+                        self.logit_scale[...], bias)
+
   def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
     """Packed batch -> (float32 loss [], metrics of float32 scalars) of `loss_fn`."""
-    zimg, ztxt, mask = self(batch)
-    bias = self.logit_bias[...] if self.has_bias else None
-    return self.loss_fn(zimg, ztxt, mask, self.logit_scale[...], bias)
+    return self.loss_on_features(self.features(batch), batch)
 
 
 class Classifier(nnx.Module):
@@ -95,13 +114,32 @@ class Classifier(nnx.Module):
     self.loss_fn = losses.classification_loss_fn(config.loss.name)
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Packed batch -> (logits float32 [B, M, K], image_mask bool [B, M])."""
     emb, mask = self.image(batch)
-    return self.head(emb).astype(jnp.float32), mask
+    return self._logits(emb), mask
+
+  def _logits(self, emb: jax.Array) -> jax.Array:
+    return self.head(emb).astype(jnp.float32)
+
+  def embed_images(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Packed batch -> (the image tower's pooled embeddings before the head, L2-normalised
+    float32 [B, M, D]; image_mask bool [B, M]): what few-shot probes and `embed` read."""
+    emb, mask = self.image(batch)
+    return l2_normalize(emb), mask
+
+  def features(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Packed batch -> {"img": the image tower's pooled embeddings [B, M, D]}, row by row."""
+    return {"img": self.image(batch)[0]}
+
+  def loss_on_features(self, features: Mapping[str, jax.Array],
+                       batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """`features` of all of `batch`'s rows -> (float32 loss [], float32 scalar metrics)."""
+    return self.loss_fn(self._logits(features["img"]), batch["labels"],
+                        batch["image_mask"].astype(bool))
 
   def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
     """Packed batch with labels -> (float32 loss [], metrics of float32 scalars)."""
-    logits, mask = self(batch)
-    return self.loss_fn(logits, batch["labels"], mask)
+    return self.loss_on_features(self.features(batch), batch)
 
 
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> TwoTower | Classifier:

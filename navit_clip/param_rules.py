@@ -3,7 +3,7 @@
 Parameters are named by their path in the parameter pytree, joined with "/", e.g.
 "image/encoder/blocks/0/attn/query/kernel". Rules written "regex=value;regex=value" map
 names to values, the first rule whose regex matches the whole name (`re.fullmatch`) wins.
-Learning-rate multipliers and freezing (navit_clip.optim) and sharding
+Learning-rate and weight-decay multipliers and freezing (navit_clip.optim) and sharding
 (navit_clip.sharding) are all such rules.
 """
 
@@ -66,6 +66,24 @@ def split_rules(spec: str, what: str, value: str = "value") -> list[tuple[str, s
     except re.error as e:
       raise ValueError(f"{what} rule {rule!r}: bad regex {pattern!r}: {e}") from e
     rules.append((pattern, text.strip()))
+  return rules
+
+
+def parse_multipliers(spec: str, what: str) -> list[tuple[str, float]]:
+  """"regex=mult;regex=mult" -> [(regex, mult)], mults floats >= 0; "" gives [].
+
+  Raises ValueError naming `what` (e.g. "lr_mults") and the rule for a malformed rule, a
+  bad regex or a multiplier that is not a float >= 0.
+  """
+  rules = []
+  for pattern, text in split_rules(spec, what, "multiplier"):
+    try:
+      mult = float(text)
+    except ValueError as e:
+      raise ValueError(f"{what} rule {pattern}={text}: bad multiplier {text!r}") from e
+    if not mult >= 0:
+      raise ValueError(f"{what} rule {pattern}={text}: multiplier must be >= 0")
+    rules.append((pattern, mult))
   return rules
 
 

@@ -3,15 +3,15 @@
 Reads top to bottom: `_setup` (config -> data -> mesh -> model -> optimizer -> state:
 resumed, or started from another run's parameters -> the step compiled once), then the
 loop of `train` (next batch, step, checkpoint, evaluate, log; stop early on SIGTERM /
-SIGINT) and a final checkpoint. The step is ahead-of-time compiled for the batch spec, so
-a batch of another shape is an error, not a silent recompile.
+SIGINT or when the data ends) and a final checkpoint. The step is ahead-of-time compiled
+for the batch spec, so a batch of another shape is an error, not a silent recompile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -22,13 +22,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from navit_clip import distributed, init_from, nonfinite, sharding
+from navit_clip import distributed, init_from, losses, nonfinite, optim, sharding, storage
 from navit_clip import flops as flops_lib
 from navit_clip.checkpoint import Checkpointer
 from navit_clip.choices import check_choice, check_range
 from navit_clip.data import pipeline
 from navit_clip.data.batch import device_fields
 from navit_clip.data.counters import data_counters
+from navit_clip.data.preprocess import shrunk_share
+from navit_clip.errors import UserError, as_user_errors
+from navit_clip.errors import UserError
 from navit_clip.evaluate.runner import run_evals, scalar_metrics
 from navit_clip.metrics import MetricsLogger
 from navit_clip.model import build_model
@@ -38,6 +41,14 @@ from navit_clip.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
+WORKDIR_TOKENIZER = "tokenizer.model"  # the run's copy, named relative to the workdir
+# What a resumed run cannot change: these shape the model, the optimizer state or the data
+# stream that its checkpoints hold (a key stands for itself and every key below it).
+RESUME_FIXED_KEYS = ("task", "model", "loss.name", "optim.name", "optim.lr_mults",
+                     "optim.grad_accum", "optim.grad_accum_steps", "data.source",
+                     "data.train_files", "data.mixture", "data.num_workers",
+                     "data.batch_size", "data.seq_len", "data.max_images", "data.packer")
+
 
 def check_config(t: ml_collections.ConfigDict) -> None:
   """Checks config.train, the keys the trainer reads; raises ValueError naming the key."""
@@ -46,6 +57,7 @@ def check_config(t: ml_collections.ConfigDict) -> None:
   check_range("config.train.keep_period", t.keep_period, 0)
   check_range("config.train.peak_flops", t.peak_flops, 0.0)
   check_choice("config.train.nonfinite", t.nonfinite, nonfinite.MODES)
+  check_range("config.train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, 1)
 
 
 @dataclasses.dataclass
@@ -53,7 +65,8 @@ class TrainResult:
   """What a finished run hands back: per-step losses, the final state and the model.
 
   `stopped_by` names the signal (SIGTERM, SIGINT) that stopped the run before total_steps,
-  after saving a checkpoint at `final_step`; None when the run finished.
+  after saving a checkpoint at `final_step`; None when the run finished. `data_ended`: the
+  data ran out first (config.data.num_epochs passes), also saved at `final_step`.
   """
 
   losses: list[float]
@@ -61,6 +74,7 @@ class TrainResult:
   model: nnx.Module
   workdir: str
   stopped_by: str | None = None
+  data_ended: bool = False
 
 
 @dataclasses.dataclass
@@ -76,14 +90,49 @@ class _Run:
   start_step: int
   graphdef: nnx.GraphDef
   rest: nnx.State  # the model's non-parameter state
+  run_metadata: dict  # saved with the restored checkpoint (the non-finite counts); {} if new
 
   def model(self, params: dict) -> nnx.Module:
     """The model with parameters `params` (a state's "params")."""
     return nnx.merge(self.graphdef, params, self.rest)
 
 
+def step_options(config: ml_collections.ConfigDict) -> dict:
+  """make_train_step's keywords for `config`: micro-batches and the logit-scale ceiling."""
+  return {"micro_batches": optim.micro_batches(config.optim),
+          "max_logit_scale": losses.max_logit_scale(config.loss)}
+
+
+def _value_and_grad(graphdef: nnx.GraphDef, rest: nnx.State, fixed: dict, batch,
+                    micro_batches: int) -> Callable:
+  """trainable params -> ((loss, aux), grads) of the model's loss on `batch`.
+
+  One micro-batch: jax.value_and_grad of `model.loss`. More: the towers run in
+  micro-batches and the loss sees the whole batch (optim.accumulated_value_and_grad over
+  `model.features` and `model.loss_on_features`).
+  """
+
+  def model(trainable):
+    return nnx.merge(graphdef, merge_params(trainable, fixed), rest)
+
+  if micro_batches == 1:
+    return jax.value_and_grad(lambda p: model(p).loss(batch), has_aux=True)
+  accumulated = optim.accumulated_value_and_grad(
+      lambda p, rows: model(p).features(rows),
+      lambda p, features, whole: model(p).loss_on_features(features, whole), micro_batches)
+  return lambda trainable: accumulated(trainable, batch)
+
+
+def _clamp_logit_scale(params: dict, ceiling: float | None) -> dict:
+  """`params` with a trainable "logit_scale" t' clamped to at most `ceiling` (None: as is)."""
+  if ceiling is None or "logit_scale" not in params:
+    return params
+  return {**params, "logit_scale": jnp.minimum(params["logit_scale"], ceiling)}
+
+
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, accum_steps: int, frozen) -> Callable:
+                    schedule: optax.Schedule, accum_steps: int, frozen, *,
+                    micro_batches: int = 1, max_logit_scale: float | None = None) -> Callable:
   """The pure train step (state, batch) -> (state, metrics); state is a dict pytree.
 
   state = {"params": pure dict of float32 params, "opt_state": optax state of the trainable
@@ -91,21 +140,22 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
   that never train: the step splits them off (optim.split_frozen), differentiates and
   updates only the others, and hands the frozen ones back unchanged, so no backward pass
   and no optimizer state is spent on them (LiT's locked image tower). The loss is the
-  model's own (`model.loss(batch)`). A step with a non-finite loss or gradient leaves
-  params and opt_state as they were and reports metrics["nonfinite"] = 1
-  (navit_clip.nonfinite).
+  model's own (`model.loss(batch)`); with `micro_batches` = k > 1 the towers run in k
+  micro-batches of the batch's rows and the loss and gradients are still the whole
+  batch's (config.optim.grad_accum = "full_batch"). `accum_steps` is the number of steps
+  per optimizer update (optim.calls_per_update), for the learning rate reported. After the
+  update t' = logit_scale is clamped to at most `max_logit_scale` (CLIP's t <= 100;
+  losses.max_logit_scale). A step with a non-finite loss or gradient leaves params and
+  opt_state as they were and reports metrics["nonfinite"] = 1 (navit_clip.nonfinite).
   """
 
   def train_step(state, batch):
     trainable, fixed = split_frozen(state["params"], frozen)
-
-    def loss_fn(trainable):
-      return nnx.merge(graphdef, merge_params(trainable, fixed), rest).loss(batch)
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (loss, aux), grads = _value_and_grad(graphdef, rest, fixed, batch,
+                                         micro_batches)(trainable)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    new = optax.apply_updates(trainable, updates)
+    new = _clamp_logit_scale(optax.apply_updates(trainable, updates), max_logit_scale)
     (new, opt_state), skipped = nonfinite.keep_if_finite(
         loss, grad_norm, (new, opt_state), (trainable, state["opt_state"]))
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, nonfinite=skipped,
@@ -117,9 +167,67 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  """Writes workdir/config.json; the tokenizer is copied to workdir/tokenizer.model and
+  named there relative to the workdir, so a moved workdir still finds it."""
+  storage.makedirs(workdir)
+  saved = config
+  if config.data.tokenizer.path:
+    copy_path = storage.join(workdir, WORKDIR_TOKENIZER)
+    if storage.absolute(config.data.tokenizer.path) != storage.absolute(copy_path):
+      storage.copy(config.data.tokenizer.path, copy_path)
+    saved = config.copy_and_resolve_references()
+    saved.data.tokenizer.path = WORKDIR_TOKENIZER
+  storage.write_atomic(storage.join(workdir, "config.json"),
+                       saved.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{"a.b.c": value} of a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{dotted key: (saved value, value in `config`)} of the keys that both have and that
+  differ; `saved` is a config.json. Keys only one side has (added or removed from the
+  framework since) are left out, and so is the tokenizer path save_config rewrote."""
+  old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  changes = {k: (old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]}
+  if old.get("data.tokenizer.path") == WORKDIR_TOKENIZER:
+    changes.pop("data.tokenizer.path", None)
+  return changes
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Compares `config` with the workdir's config.json before a resume.
+
+  Raises:
+    UserError: naming each changed key of RESUME_FIXED_KEYS, its saved and its new value.
+  Other changes (total_steps, log_every, the learning rate, ...) are logged.
+  """
+  path = storage.join(workdir, "config.json")
+  if not storage.isfile(path):
+    return
+  with storage.open(path, "r") as f, as_user_errors(path):
+    changes = config_changes(json.load(f), config)
+  fixed = sorted(k for k in changes
+                 if any(k == f or k.startswith(f"{f}.") for f in RESUME_FIXED_KEYS))
+
+  def listed(keys):
+    return ", ".join(f"config.{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in keys)
+
+  if fixed:
+    raise UserError(f"cannot resume {workdir} with {listed(fixed)}: these shape the model, "
+                    "the optimizer state or the data stream its checkpoints hold; keep the "
+                    f"values of {path} or train in a new workdir")
+  if changes:
+    log.info("resuming %s with changes to its saved config: %s", workdir,
+             listed(sorted(changes)))
 
 
 def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -133,22 +241,23 @@ def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def _initial_state(config, ckpt: Checkpointer, init_state: Callable, params: dict,
-                   shardings, data_iter) -> tuple[dict, int]:
-  """(state, its step): created sharded, then resumed from `ckpt` if it has a checkpoint.
+                   shardings, data_iter) -> tuple[dict, int, dict]:
+  """(state, its step, run metadata): created sharded, then resumed from `ckpt` if it has
+  a checkpoint.
 
   A fresh run starts from `params`, or from config.init's run when that is set; a resumed
-  one restores the state and `data_iter`'s position from `ckpt`'s latest checkpoint.
+  one restores the state, `data_iter`'s position and the run metadata saved with them from
+  `ckpt`'s newest intact checkpoint (navit_clip.checkpoint falls back past damaged ones).
   """
   resuming = ckpt.latest_step() is not None
   if config.init.checkpoint and not resuming:  # start from another run's parameters
     params = init_from.load_params(config.init, params, shardings["params"])
   state = jax.jit(init_state, out_shardings=shardings)(params)
   if not resuming:
-    return state, 0
-  state = ckpt.restore(None, state, data_iter)
-  start_step = int(state["step"])
-  log.info("resumed from %s at step %d", ckpt.directory, start_step)
-  return state, start_step
+    return state, 0, {}
+  restored = ckpt.restore(None, state, data_iter)
+  log.info("resumed from %s at step %d", ckpt.directory, restored.step)
+  return restored.state, int(restored.state["step"]), restored.run_metadata
 
 
 def _compile(step_fn, state: dict, config: ml_collections.ConfigDict, mesh):
@@ -166,15 +275,24 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   which the commands (navit_clip.cli, navit_clip.demo) run before they train.
   """
   check_config(config.train)
+  if not storage.is_local(workdir):  # Orbax 0.12's tensorstore specs take local paths or gs://
+    raise UserError(f"workdir {workdir!r}: training checkpoints need a local workdir (the "
+                    "checkpointer writes local folders); metrics, config.json and exports "
+                    "can go to URLs")
   distributed.initialize(config.distributed)
-  save_config(config, workdir)
+  tc = config.train
+  ckpt = Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
+                      keep_period=tc.keep_period or None, writer=True)
+  if ckpt.latest_step() is not None:
+    check_resumable(config, workdir)  # before anything is built or written
   data_iter = iter(pipeline.make_train_dataset(  # packed host NumPy batches
       config, **distributed.data_share(config.data)))
   mesh = _make_mesh(config)
   graphdef, params, rest = nnx.split(build_model(config, rngs=nnx.Rngs(config.seed)),
                                      nnx.Param, ...)
   params = nnx.to_pure_dict(params)
-  updates_total = max(config.train.total_steps // config.optim.grad_accum_steps, 1)
+  calls = optim.calls_per_update(config.optim)  # train steps per optimizer update
+  updates_total = max(config.train.total_steps // calls, 1)
   tx = make_optimizer(config.optim, params, updates_total)
   frozen = frozen_mask(config.optim, params)  # never differentiated, never in the optimizer
 
@@ -184,18 +302,18 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 
   shardings = sharding.state_shardings(jax.eval_shape(init_state, params), mesh,
                                        config.sharding)
-  tc = config.train
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
-                      keep_period=tc.keep_period or None, cleanup_tmp=True)
-  state, start_step = _initial_state(config, ckpt, init_state, params, shardings, data_iter)
+  state, start_step, run_metadata = _initial_state(config, ckpt, init_state, params,
+                                                   shardings, data_iter)
+  if jax.process_index() == 0:
+    save_config(config, workdir)  # only now: a failed restart leaves the saved one as it was
   schedule = make_schedule(config.optim, updates_total)
-  step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule,
-                                    config.optim.grad_accum_steps, frozen),
+  step_fn = jax.jit(make_train_step(graphdef, rest, tx, schedule, calls, frozen,
+                                    **step_options(config)),
                     in_shardings=(shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   compiled = _compile(step_fn, state, config, mesh)
   return _Run(data_iter, mesh, ckpt, compiled, flops_lib.compiled_flops(compiled), state,
-              start_step, graphdef, rest)
+              start_step, graphdef, rest, run_metadata)
 
 
 def _evaluate(model: nnx.Module, config: ml_collections.ConfigDict, step: int, workdir: str,
@@ -208,36 +326,65 @@ def _evaluate(model: nnx.Module, config: ml_collections.ConfigDict, step: int, w
 
 def _train_record(metrics: Mapping, throughput: Throughput,
                   monitor: nonfinite.NonfiniteMonitor, data_iter) -> dict[str, float]:
-  """A log step's record: the step's scalar metrics, throughput, skip counters."""
+  """A log step's record: the step's scalar metrics, throughput, skip counters and the
+  share of images shrunk to fit a row."""
   out = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
   out.update(throughput.report())  # after the device sync: the window's steps are done
   out["nonfinite_steps"] = monitor.skipped
-  out.update({f"data/{k}": v for k, v in data_counters(data_iter).items()})
+  counters = data_counters(data_iter)
+  out.update({f"data/{k}": v for k, v in counters.items()})
+  out["shrunk_share"] = shrunk_share(counters)  # of the images so far, shrunk to fit a row
   return out
 
 
+def _next_batch(data_iter: Iterator, throughput: Throughput) -> dict | None:
+  """The next host batch, counted in the throughput window; None once the data has ended
+  (after config.data.num_epochs passes)."""
+  t0 = time.perf_counter()
+  try:
+    batch = next(data_iter)
+  except StopIteration:
+    return None
+  throughput.add(batch, time.perf_counter() - t0)
+  return batch
+
+
+def _log_early_end(result: TrainResult, config: ml_collections.ConfigDict,
+                   directory: str) -> None:
+  """Says why a run ended before config.train.total_steps, if it did."""
+  if result.stopped_by:
+    log.warning("stopped by %s after step %d; saved to %s", result.stopped_by,
+                result.final_step, directory)
+  elif result.data_ended:
+    log.warning("the training data ended after %d epoch(s) (config.data.num_epochs), at "
+                "step %d of %d; saved to %s", config.data.num_epochs, result.final_step,
+                config.train.total_steps, directory)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+  """Trains `config` in `workdir`, resuming from its newest intact checkpoint if any."""
   run, tc, rows = _setup(config, workdir), config.train, config.data.batch_size
-  state, step = run.state, run.start_step
+  state, step, data_ended = run.state, run.start_step, False
   logger = MetricsLogger(workdir, tc.total_steps, is_primary=jax.process_index() == 0,
-                         tensorboard=tc.tensorboard)
-  monitor = nonfinite.NonfiniteMonitor(tc.nonfinite, run.ckpt)  # per-step losses, NaN / Inf
+                         tensorboard=tc.tensorboard, resume_step=step)
+  monitor = nonfinite.NonfiniteMonitor(  # per-step losses, NaN / Inf; counts survive resumes
+      tc.nonfinite, run.ckpt, tc.max_consecutive_nonfinite, counts=run.run_metadata)
   throughput = Throughput(rows, run.step_flops,
                           tc.peak_flops or flops_lib.measure_matmul_peak())
   guard = PreemptionGuard().install()  # SIGTERM / SIGINT: save and stop after this step
   try:
     while step < tc.total_steps:
-      t0 = time.perf_counter()
-      batch = next(run.data_iter)
-      throughput.add(batch, time.perf_counter() - t0)
+      batch = _next_batch(run.data_iter, throughput)
+      if batch is None:
+        data_ended = True
+        break
       state, metrics = run.step_fn(state, sharding.global_batch(device_fields(batch),
                                                                 run.mesh, rows))
       step += 1
       monitor.record(step, metrics)
       if step % tc.checkpoint_every == 0:
         monitor.check()  # a state from after a non-finite step is never saved in "stop" mode
-        run.ckpt.save(step, state, run.data_iter)
+        run.ckpt.save(step, state, run.data_iter, run_metadata=monitor.counts())
       if config.evals and jax.process_count() == 1:
         with throughput.paused():  # evaluation time is not training time
           _evaluate(run.model(state["params"]), config, step, workdir, logger)
@@ -249,13 +396,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                               or step % tc.checkpoint_every == 0):
         break
     monitor.check()
-    run.ckpt.save_and_wait(step, state, run.data_iter)
-    if guard.signal_name:
-      log.warning("stopped by %s after step %d; saved to %s", guard.signal_name, step,
-                  run.ckpt.directory)
+    run.ckpt.save_and_wait(step, state, run.data_iter, run_metadata=monitor.counts())
   finally:
     run.ckpt.close()
+    run.data_iter.close()  # its Grain workers end now, not at exit
     logger.close()
     guard.uninstall()
-  return TrainResult(losses=monitor.losses, final_step=step, model=run.model(state["params"]),
-                     workdir=workdir, stopped_by=guard.signal_name)
+  result = TrainResult(losses=monitor.losses, final_step=step,
+                       model=run.model(state["params"]), workdir=workdir,
+                       stopped_by=guard.signal_name, data_ended=data_ended)
+  _log_early_end(result, config, run.ckpt.directory)
+  return result

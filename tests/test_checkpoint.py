@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from navit_clip.checkpoint import Checkpointer, restore_params
+from navit_clip.checkpoint import (CheckpointMismatchError, Checkpointer, restore_params,
+                                   state_checksums)
 from navit_clip.param_rules import flatten_names
 from navit_clip.train import train
 
@@ -73,6 +74,34 @@ def test_keep_the_last_k_and_every_period_th_forever(tmp_path):
     ckpt.save(step, state)
   ckpt.close()
   assert sorted(Checkpointer(str(tmp_path)).all_steps()) == [4, 8, 9, 10]
+
+
+def test_checksums_see_every_changed_bit_and_moved_value_of_any_dtype():
+  arrays = {"f32": jnp.linspace(-1, 1, 12).reshape(3, 4), "i8": jnp.arange(7, dtype=jnp.int8),
+            "bf16": jnp.linspace(0, 1, 5, dtype=jnp.bfloat16), "mask": jnp.array([True, False]),
+            "step": jnp.int32(5)}
+  sums = {k: v["sum"] for k, v in state_checksums(arrays).items()}
+  assert len(set(sums.values())) == len(sums)
+  flipped = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(arrays["f32"], jnp.uint32).at[1, 2].add(1), jnp.float32)
+  changed = {**arrays, "f32": flipped, "i8": arrays["i8"][::-1],
+             "bf16": arrays["bf16"].at[0].set(1e-8), "mask": ~arrays["mask"]}
+  again = state_checksums(changed)
+  assert all(again[k]["sum"] != sums[k] for k in ("f32", "i8", "bf16", "mask"))
+  assert again["step"]["sum"] == sums["step"]
+  assert again["f32"] == {"shape": [3, 4], "dtype": "float32", "sum": again["f32"]["sum"]}
+
+
+def test_a_checkpoint_of_another_state_is_a_mismatch_not_damage(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), writer=True)
+  ckpt.save_and_wait(1, {"w": jnp.ones((3, 4)), "step": jnp.int32(1)})
+  with pytest.raises(CheckpointMismatchError, match=r"unexpected: step \(1\); another "
+                     r"shape or dtype: w \(1\)"):
+    ckpt.restore(None, {"w": jnp.zeros((4, 4))})
+  restored = ckpt.restore(None, {"w": jnp.zeros((3, 4)), "step": jnp.int32(0)})
+  assert restored.step == 1 and float(restored.state["w"].sum()) == 12.0
+  ckpt.close()
+  assert os.listdir(tmp_path) == ["1"]  # nothing set aside
 
 
 def test_an_interrupted_save_is_ignored_and_cleaned_on_resume(tiny_config, tmp_path):

@@ -1,6 +1,7 @@
 """Every recipe in configs/ validates, builds abstractly, and has the expected size."""
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -45,6 +46,24 @@ def test_jft_recipe_size():
   counts = _param_counts(load_config("jft_navit_b16"))
   assert 86 <= counts["image"] / 1e6 <= 95
   assert counts["head"] == 768 * 29_593 + 29_593
+
+
+def test_jft_recipe_decays_the_head_100x_the_body():
+  c = load_config("jft_navit_b16")
+  c.model.image.update(variant="mu/8", dtype="float32", remat="none", scan_layers=False)
+  c.model.num_classes = 5
+  c.optim.warmup_steps = 0
+  params = nnx.to_pure_dict(nnx.state(build_model(c, rngs=nnx.Rngs(0)), nnx.Param))
+  params["head"]["kernel"] = jax.numpy.ones_like(params["head"]["kernel"])  # zeros at init
+  tx = make_optimizer(c.optim, params, c.train.total_steps)
+  zero = jax.tree.map(jax.numpy.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)  # only the weight decay moves
+  lr_wd = c.optim.lr * c.optim.weight_decay
+  names = flatten_names(params)
+  for n, p, u in zip(jax.tree.leaves(names), jax.tree.leaves(params),
+                     jax.tree.leaves(updates)):
+    mult = 100.0 if n == "head/kernel" else 1.0 if n.endswith("kernel") else 0.0
+    np.testing.assert_allclose(u, -lr_wd * mult * p, rtol=1e-5, atol=1e-12, err_msg=n)
 
 
 def _abstract_params(config):
@@ -121,6 +140,9 @@ BAD_VALUES = [
     ("data.packer", "greedy", r"config\.data\.packer = 'greedy'; expected one of"),
     ("loss.name", "hinge", r"config\.loss\.name = 'hinge'; expected one of"),
     ("loss.init_t", 0.0, r"config\.loss\.init_t = 0\.0 must be > 0\.0"),
+    ("loss.max_t", 5.0, r"config\.loss\.max_t = 5\.0 is below the initial temperature t = 10"),
+    ("optim.grad_accum", "scan", r"config\.optim\.grad_accum = 'scan'; expected one of"),
+    ("optim.wd_mults", "head/.*=-1", r"config\.optim\.wd_mults = 'head/\.\*=-1': .*>= 0"),
     ("optim.schedule", "step", r"config\.optim\.schedule = 'step'; expected one of"),
     ("optim.lr_mults", "image/.*=x", r"config\.optim\.lr_mults = 'image/\.\*=x': .*multiplier"),
     ("mesh", "data:2,pipe:2", r"config\.mesh = 'data:2,pipe:2': "),

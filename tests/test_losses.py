@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from navit_clip import losses
+from navit_clip.config_defaults import default_config
 
 B, M, D, K = 2, 3, 4, 5
 # Valid slots, in flattened order 0, 2, 3, 4: four images in a [2, 3] batch.
@@ -156,6 +157,20 @@ def test_init_logit_params():
     losses.init_logit_params("softmax", init_b=-10.0)
   with pytest.raises(ValueError, match="unknown contrastive loss 'sigmoid_xent'"):
     losses.init_logit_params("sigmoid_xent")
+
+
+def test_max_logit_scale_is_clip_s_100_for_softmax_and_free_for_sigmoid():
+  loss = default_config().loss
+  for name, want in (("softmax", math.log(100.0)), ("sigmoid", None), ("softmax_xent", None)):
+    loss.name = name
+    assert losses.max_logit_scale(loss) == want
+  loss.name, loss.max_t = "sigmoid", 50.0
+  assert losses.max_logit_scale(loss) == math.log(50.0)
+  loss.name, loss.max_t = "softmax", 0.0  # no clamp
+  assert losses.max_logit_scale(loss) is None
+  loss.name, loss.max_t = "softmax_xent", 100.0
+  with pytest.raises(ValueError, match="config.loss.max_t applies to the contrastive losses"):
+    losses.check_config(loss)
 
 
 def test_bad_inputs_name_the_problem():

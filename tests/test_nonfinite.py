@@ -1,5 +1,6 @@
 """NaN in the loss and gradients: never applied; the run stops or skips the step."""
 
+import json
 import os
 import re
 
@@ -93,3 +94,40 @@ def test_skip_mode_leaves_params_and_optimizer_state_unchanged(tiny_config, tmp_
                             after["params"]["text"]["proj"]["kernel"])
   records = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert '"nonfinite_steps": 1.0' in records[-1]
+
+
+def test_keep_if_finite_refuses_an_update_that_overflows():
+  new, old = {"w": jnp.array([1.0, jnp.inf]), "n": jnp.int32(3)}, {"w": jnp.zeros(2),
+                                                                   "n": jnp.int32(2)}
+  kept, flag = keep_if_finite(jnp.float32(1.0), jnp.float32(2.0), new, old)
+  assert float(flag) == 1.0 and np.all(kept["w"] == 0.0) and int(kept["n"]) == 2
+
+
+def test_skip_mode_stops_after_too_many_non_finite_steps_in_a_row(tiny_config, tmp_path):
+  config = tiny_config(steps=20)
+  config.optim.lr = 1e30  # t = exp(t') overflows after the first updates: every loss is NaN
+  config.train.nonfinite = "skip"
+  config.train.max_consecutive_nonfinite = 5
+  config.train.checkpoint_every = 1
+  config.train.keep_checkpoints = 30
+  with pytest.raises(FloatingPointError, match=r"5 non-finite steps in a row, up to step \d+ "
+                     r"\(config.train.max_consecutive_nonfinite = 5\)"):
+    train(config, str(tmp_path))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  assert saved and saved[-1] < 20
+  for step in saved:  # what was saved holds only finite values
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state")
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"])), step
+
+
+def test_the_count_of_skipped_steps_survives_a_resume(tiny_config, tmp_path, poison_step,
+                                                      monkeypatch):
+  config = tiny_config(steps=4)
+  config.train.nonfinite = "skip"
+  config.train.checkpoint_every = 2
+  train(config, str(tmp_path))  # step BAD_STEP is skipped
+  monkeypatch.undo()  # no more poisoned steps
+  config.train.total_steps = 6
+  train(config, str(tmp_path))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["nonfinite_steps"]) for r in rows] == [(4, 1.0), (6, 1.0)]

@@ -93,6 +93,24 @@ def test_weight_decay_on_kernels_only():
     np.testing.assert_allclose(q, decay * p, rtol=1e-6, err_msg=str(path))
 
 
+def test_weight_decay_multipliers_by_regex_first_match_wins():
+  params = _params()
+  c = _config(weight_decay=0.01, wd_mults="text/1/kernel=100; text/.*=0;image/norm/scale=2")
+  zero = jax.tree.map(jnp.zeros_like, nnx.as_pure(params))
+  new, _, _ = _step(optim.make_optimizer(c, params, total_steps=10), params, zero)
+  want = {"text/1/kernel": 100.0, "text/0/kernel": 0.0, "text/0/bias": 0.0,
+          "text/1/bias": 0.0, "image/norm/scale": 2.0, "image/proj/kernel": 1.0}  # wd_regex
+  names = optim.flatten_names(nnx.as_pure(params))
+  for n, p, q in zip(jax.tree.leaves(names), jax.tree.leaves(nnx.as_pure(params)),
+                     jax.tree.leaves(new)):
+    decay = 1 - 0.1 * 0.01 * want.get(n, 0.0)  # p -= lr * wd * mult * p
+    np.testing.assert_allclose(q, decay * p, rtol=1e-6, err_msg=n)
+  with pytest.raises(ValueError, match="config.optim.wd_mults regex 'vision/.*' matches no"):
+    optim.make_optimizer(_config(weight_decay=0.1, wd_mults="vision/.*=2"), params, 10)
+  with pytest.raises(ValueError, match="wd_mults rule text/.*=-1: multiplier must be >= 0"):
+    optim.check_config(_config(wd_mults="text/.*=-1"))
+
+
 def _same(a, b) -> bool:
   """The same pytree structure holding the very same leaf objects."""
   return (jax.tree.structure(a) == jax.tree.structure(b)
@@ -163,7 +181,7 @@ def test_grad_accumulation_equals_one_big_step(name):
   mean = jax.tree.map(lambda *g: sum(g) / 3, *micro)
   c = _config(name=name, weight_decay=0.1, clip_norm=0.5)
   _, want, _ = _step(optim.make_optimizer(c, params, 10), params, mean)
-  c.grad_accum_steps = 3
+  c.update(grad_accum_steps=3, grad_accum="per_micro_batch")
   tx = optim.make_optimizer(c, params, 10)
   state = None
   for i, g in enumerate(micro):

@@ -19,10 +19,13 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 from navit_clip import activation_sharding, sharding
 
 MESHES = ("data:8", "data:2,fsdp:4", "data:2,fsdp:2,model:2")
-# (mesh, chunked) pairs of the sigmoid loss checked against one device; the chunked losses
-# are tested on every mesh in test_chunked_loss.py, here one runs inside the full step on
-# the richest mesh.
-STEPS = tuple((m, False) for m in MESHES) + (("data:2,fsdp:2,model:2", True),)
+# (mesh, chunked, micro-batches) of the sigmoid loss checked against one device without
+# accumulation; the chunked losses are tested on every mesh in test_chunked_loss.py, here
+# one runs inside the full step on the richest mesh, also with full-batch accumulation (2
+# micro-batches of 4 rows, one row a batch device).
+STEPS = tuple((m, False, 1) for m in MESHES) + tuple(
+    ("data:2,fsdp:2,model:2", chunked, micro) for chunked, micro in ((True, 1), (False, 2),
+                                                                     (True, 2)))
 FSDP_MESHES = ("data:8", "data:4,fsdp:2", "data:2,fsdp:4", "fsdp:8")
 RTOL_LOSS = 1e-5  # relative, on each step's loss
 ATOL_PARAMS = 1e-5  # absolute, on every parameter after two Adam steps of lr 1e-3 (1%)
@@ -114,9 +117,9 @@ def step_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh, chunked", STEPS)
-def test_sharded_step_equals_one_device(step_results, mesh, chunked):
-  r = step_results[f"{mesh} chunked={chunked}"]
+@pytest.mark.parametrize("mesh, chunked, micro", STEPS)
+def test_sharded_step_equals_one_device(step_results, mesh, chunked, micro):
+  r = step_results[f"{mesh} chunked={chunked} micro={micro}"]
   np.testing.assert_allclose(r["losses"], step_results["one-device"]["losses"],
                              rtol=RTOL_LOSS)
   assert r["max_param_diff"] <= ATOL_PARAMS
@@ -198,15 +201,17 @@ def _child_init(config, mesh):
   return (graphdef, rest, tx), state, shardings
 
 
-def _child_train(config, mesh, chunked):
-  """Two train steps on `mesh`, the loss chunked or not: (losses, final state)."""
+def _child_train(config, mesh, chunked, micro_batches=1):
+  """Two train steps on `mesh`, the loss chunked or not, the towers in `micro_batches`:
+  (losses, final state)."""
   from navit_clip.optim import frozen_mask, make_schedule
   from navit_clip.train import make_train_step
 
   config.loss.chunked = chunked
   (graphdef, rest, tx), state, shardings = _child_init(config, mesh)
   step = jax.jit(make_train_step(graphdef, rest, tx, make_schedule(config.optim, 10), 1,
-                                 frozen_mask(config.optim, state["params"])),
+                                 frozen_mask(config.optim, state["params"]),
+                                 micro_batches=micro_batches),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)))
   with jax.set_mesh(mesh):
@@ -224,12 +229,12 @@ def _child_steps(config, devices):
   losses, state, _ = _child_train(config, sharding.make_mesh("data:1", devices[:1]), False)
   out = {"one-device": {"losses": losses}}
   reference = jax.device_get(state["params"])
-  for spec, chunked in STEPS:
-    losses, state, _ = _child_train(config, sharding.make_mesh(spec), chunked)
+  for spec, chunked, micro in STEPS:
+    losses, state, _ = _child_train(config, sharding.make_mesh(spec), chunked, micro)
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                          jax.device_get(state["params"]), reference)
-    out[f"{spec} chunked={chunked}"] = {"losses": losses,
-                                        "max_param_diff": max(jax.tree.leaves(diffs))}
+    out[f"{spec} chunked={chunked} micro={micro}"] = {
+        "losses": losses, "max_param_diff": max(jax.tree.leaves(diffs))}
   return out
 
 

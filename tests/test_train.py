@@ -30,9 +30,19 @@ def test_workdir_gets_config_metrics_and_checkpoint(tiny_config, tmp_path):
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [4]
   for key in ("loss", "lr", "t", "b", "images_per_s", "tokens_per_s", "padding",
-              "images_per_row", "data_wait_frac", "mfu"):
+              "images_per_row", "data_wait_frac", "mfu", "shrunk_share"):
     assert np.isfinite(records[0][key]), key
   assert os.listdir(tmp_path / "checkpoints") == ["4"]
+
+
+@pytest.mark.slow
+def test_the_log_reports_the_share_of_images_shrunk_to_fit_a_row(tiny_config, tmp_path):
+  config = tiny_config(steps=4)
+  config.data.resolution.update(min_side=64, max_side=120)  # up to 225 patches, rows of 64
+  train(config, str(tmp_path))
+  record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  used = record["data/records"] - record["data/skipped"]
+  assert 0 < record["shrunk_share"] == record["data/noted/shrunk_to_fit"] / used <= 1
 
 
 def test_resume_continues_exactly_where_the_unbroken_run_would_be(tiny_config, tmp_path):
@@ -43,6 +53,10 @@ def test_resume_continues_exactly_where_the_unbroken_run_would_be(tiny_config, t
   shutil.rmtree(tmp_path / "checkpoints" / "8")  # as if stopped between steps 5 and 8
   resumed = train(config, str(tmp_path))
   assert resumed.losses == unbroken.losses[5:]
+  # The rows the first run logged after step 5 were dropped: the log reads as one run.
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [4, 8]
+  assert records[1]["loss"] == unbroken.losses[-1]
 
 
 def test_classification_mode_trains(tiny_config, tmp_path):

@@ -15,7 +15,7 @@ from navit_clip import losses, optim, sharding
 from navit_clip.config import default_config
 from navit_clip.model import build_model
 from navit_clip.param_rules import flatten_names
-from navit_clip.train import make_train_step, train
+from navit_clip.train import make_train_step, step_options, train
 
 
 class _TwoParts(nnx.Module):
@@ -101,3 +101,47 @@ def test_a_stopped_run_logs_the_stop_and_its_resumption_logs_the_step(
   assert messages == [
       ("WARNING", f"stopped by SIGTERM after step 2; saved to {checkpoints}"),
       ("INFO", f"resumed from {checkpoints} at step 2")]
+
+
+class _Temperature(nnx.Module):
+  """A stand-in whose loss always wants a larger temperature t = exp(logit_scale)."""
+
+  def __init__(self):
+    self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), jnp.float32))
+
+  def loss(self, batch):
+    del batch
+    return -self.logit_scale[...], {}
+
+
+@pytest.mark.parametrize("loss,ceiling", [("softmax", 100.0), ("sigmoid", None)])
+def test_softmax_temperature_is_clamped_at_100_after_every_update(tiny_config, loss, ceiling):
+  config = tiny_config()
+  config.loss.name = loss
+  config.optim.update(lr=10.0, warmup_steps=0, schedule="constant", clip_norm=0.0,
+                      weight_decay=0.0)
+  graphdef, params, rest = nnx.split(_Temperature(), nnx.Param, ...)
+  params = nnx.to_pure_dict(params)
+  frozen = optim.frozen_mask(config.optim, params)
+  tx = optim.make_optimizer(config.optim, params, 10)
+  step = jax.jit(make_train_step(graphdef, rest, tx, optim.make_schedule(config.optim, 10), 1,
+                                 frozen, **step_options(config)))
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  for _ in range(3):  # Adam moves t' by about lr = 10 a step
+    state, _ = step(state, {})
+    t = float(np.exp(state["params"]["logit_scale"]))
+    if ceiling is None:  # SigLIP leaves t free
+      assert t > 100.0
+    else:
+      assert t <= ceiling * (1 + 1e-6)
+  config.loss.max_t = 0.0  # no clamp
+  assert step_options(config)["max_logit_scale"] is None
+
+
+def test_a_softmax_model_has_no_logit_bias(tiny_config):
+  config = tiny_config()
+  for loss, has_bias in (("softmax", False), ("sigmoid", True)):
+    config.loss.name = loss
+    model = build_model(config, rngs=nnx.Rngs(0))
+    names = _names(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    assert ("logit_bias" in names) == has_bias and "logit_scale" in names

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from navit_clip import storage
 from navit_clip.errors import MissingInputError, UserError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -33,8 +34,8 @@ class Tokenizer:
   Picklable (the model travels as bytes), so it can run in Grain worker processes.
 
   Args:
-    path: a SentencePiece .model file: T5 c4_en 32k, mT5, Gemma 256k, or one written by
-      `train_tokenizer`.
+    path: a SentencePiece .model file (a local path or a URL, see navit_clip.storage): T5
+      c4_en 32k, mT5, Gemma 256k, or one written by `train_tokenizer`.
     max_len: T, the length of every encoded caption, EOS included (>= 1).
     lowercase: lowercase captions before encoding, for models trained on lowercased text
       that do not fold case themselves (e.g. SigLIP's English T5 tokenizer).
@@ -54,8 +55,7 @@ class Tokenizer:
     if max_len < 1:
       raise ValueError(f"Tokenizer max_len must be >= 1 (room for EOS), got {max_len}")
     try:
-      with open(self.path, "rb") as f:
-        proto = f.read()
+      proto = storage.read_bytes(self.path)
     except FileNotFoundError:
       raise FileNotFoundError(f"SentencePiece model {self.path!r} does not exist") from None
     self._sp = spm.SentencePieceProcessor()
@@ -167,9 +167,10 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, out_path: str | os
                        f"{counted.count} captions: at most {too_high.group(1)} pieces can be "
                        "learned from it; lower vocab_size or add captions") from e
     raise ValueError(f"training a {vocab_size}-piece SentencePiece model failed: {e}") from e
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, "wb") as f:
-    f.write(model.getvalue())
+  out_path = os.fspath(out_path)
+  if storage.is_local(out_path):
+    storage.makedirs(os.path.dirname(os.path.abspath(out_path)))
+  storage.write_atomic(out_path, model.getvalue())
 
 
 def train_from_file(input_path: str | os.PathLike, vocab_size: int,
@@ -182,7 +183,7 @@ def train_from_file(input_path: str | os.PathLike, vocab_size: int,
       `train_tokenizer`.
   """
   input_path = os.fspath(input_path)
-  if not os.path.isfile(input_path):
+  if not storage.isfile(input_path):
     raise MissingInputError(f"caption file {input_path!r} does not exist")
   reader = _CaptionFileLines(input_path)
   try:
@@ -205,7 +206,7 @@ class _CaptionFileLines:
 
   def __iter__(self) -> Iterator[str]:
     offset = 0
-    with open(self.path, "rb") as f:
+    with storage.open_stream(self.path) as f:
       for raw in f:
         yield self._decode(raw, offset)
         offset += len(raw)

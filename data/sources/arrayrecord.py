@@ -14,6 +14,7 @@ from typing import Any
 
 import grain
 
+from navit_clip import storage
 from navit_clip.data.counters import FAILED_FILES_KEY, SKIP_KEY, skip_marker
 from navit_clip.data.sources.tf_example import ExampleKeys, example_to_record
 
@@ -33,7 +34,16 @@ def _why_unreadable(path: str) -> str | None:
 
 def _open_readable(paths: list[str]) -> tuple[Any, list[str]]:
   """(a Grain source over the readable files, the unreadable ones), all opened once when
-  every file is fine."""
+  every file is fine.
+
+  Raises:
+    ValueError: a path is a URL: the ArrayRecord reader opens local files only.
+  """
+  remote = next((p for p in paths if not storage.is_local(p)), None)
+  if remote is not None:
+    raise ValueError(f"ArrayRecord file {remote!r}: the ArrayRecord reader opens local files "
+                     "only; copy the files to a local disk, or use webdataset or tfrecord "
+                     "shards for object stores and URLs")
   if all(os.path.isfile(p) for p in paths):
     try:
       return grain.sources.ArrayRecordDataSource(paths), []

@@ -3,13 +3,15 @@ opening untrusted files: only regular ones (a FIFO would block forever), reads b
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import stat
 from typing import BinaryIO
 
+from navit_clip import storage
+
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_AS_WRITTEN = ("http", "https", "pipe")  # no listing, no cheap existence check
 
 
 def _split_top(text: str, sep: str) -> list[str]:
@@ -58,7 +60,10 @@ def expand_braces(pattern: str) -> list[str]:
 def expand_paths(patterns: str, *, what: str = "files") -> list[str]:
   """Comma-separated patterns -> the existing files they name, in pattern order.
 
-  Each pattern is brace-expanded, then globbed (sorted) if it has * ? or [.
+  Each pattern is brace-expanded, then globbed (sorted) if it has * ? or [. Patterns may
+  be local paths or URLs (see navit_clip.storage); http(s):// URLs and pipe:CMD sources are
+  taken as written (neither globbed nor checked: one that cannot be read is skipped and
+  counted when it is read).
 
   Raises:
     FileNotFoundError: a pattern matches nothing, naming it and `what`.
@@ -69,12 +74,14 @@ def expand_paths(patterns: str, *, what: str = "files") -> list[str]:
   for pattern in _split_top(patterns, ","):
     pattern = os.path.expanduser(pattern.strip())
     for path in expand_braces(pattern):
-      if any(ch in path for ch in "*?["):
-        matches = sorted(glob.glob(path))
+      if storage.scheme(path) in _AS_WRITTEN:
+        out.append(path)
+      elif any(ch in path for ch in "*?["):
+        matches = storage.glob(path)
         if not matches:
           raise FileNotFoundError(f"{what}: no file matches {path!r}")
         out.extend(matches)
-      elif os.path.exists(path):
+      elif storage.exists(path):
         out.append(path)
       else:
         raise FileNotFoundError(f"{what}: {path!r} does not exist (from pattern {pattern!r})")
@@ -91,10 +98,13 @@ class FileTooLarge(OSError):
 
 def open_regular(path: str) -> BinaryIO:
   """Opens `path` for binary reading if it is a regular file; never blocks on a FIFO.
+  A URL or pipe:CMD (see navit_clip.storage) opens as a stream.
 
   Raises:
     OSError: it cannot be opened; NotARegularFile when it is not a regular file.
   """
+  if not storage.is_local(path):
+    return _open_remote(path)
   try:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
   except ValueError as e:  # an embedded null byte
@@ -110,6 +120,16 @@ def open_regular(path: str) -> BinaryIO:
     raise
 
 
+def _open_remote(path: str) -> BinaryIO:
+  """`path` opened through navit_clip.storage; any failure of its client is an OSError."""
+  try:
+    return storage.open_stream(path)
+  except OSError:
+    raise
+  except Exception as e:  # a client library's own error for a bad URL or a refused request
+    raise OSError(f"{path!r}: {type(e).__name__}: {e}") from e
+
+
 def read_regular(path: str, max_bytes: int) -> bytes:
   """The bytes of regular file `path`, refused before reading when over `max_bytes`.
 
@@ -117,7 +137,7 @@ def read_regular(path: str, max_bytes: int) -> bytes:
     OSError: as `open_regular`; FileTooLarge when the file holds more than `max_bytes`.
   """
   with open_regular(path) as f:
-    size = os.fstat(f.fileno()).st_size
+    size = storage.stream_size(f) or 0  # 0 when a stream cannot tell: read to the limit
     data = f.read(max_bytes + 1) if size <= max_bytes else b""
     if size > max_bytes or len(data) > max_bytes:
       raise FileTooLarge(f"{path!r}: more than {max_bytes} bytes ({max(size, len(data))})")

@@ -36,6 +36,7 @@ from navit_clip.data.counters import skip_marker
 from navit_clip.data.sources.paths import open_regular
 from navit_clip.data.sources.stream import FAILED_FILE_END
 from navit_clip.data.sources.tf_example import ExampleKeys, example_to_record
+from navit_clip.storage import stream_size
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def read_tfrecords(path: str, offset: int = 0,
   """
   with open_regular(path) as raw:
     f, compressed = _records_stream(raw)
-    size = None if compressed else os.fstat(raw.fileno()).st_size
+    size = None if compressed else stream_size(raw)
     if offset and not _skip(f, offset, not compressed):
       return
     pos = offset

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import tarfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -34,6 +33,7 @@ from typing import Any, BinaryIO
 from navit_clip.data.counters import skip_marker
 from navit_clip.data.sources.paths import open_regular
 from navit_clip.data.sources.stream import FAILED_FILE_END
+from navit_clip.storage import stream_size
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,11 @@ class _BoundedReads:
   (tarfile reads what a GNU long-name or PAX header claims, up to terabytes)."""
 
   def __init__(self, f: BinaryIO, limit: int):
-    self._f, self._limit = f, limit
+    self._f, self.limit = f, limit
 
   def read(self, size: int = -1) -> bytes:
-    if size is None or size < 0 or size > self._limit:
-      raise _OversizedRead(f"a read of {size} bytes (limit {self._limit})")
+    if size is None or size < 0 or size > self.limit:
+      raise _OversizedRead(f"a read of {size} bytes (limit {self.limit})")
     return self._f.read(size)
 
   def seek(self, *args) -> int:
@@ -117,7 +117,7 @@ def _only_zeros_after(f: _BoundedReads, offset: int) -> bool:
   """Whether the archive holds only zero blocks after `offset`, where tarfile stopped:
   tarfile takes a damaged or truncated header after the first for the end of the archive."""
   f.seek(offset)
-  while chunk := f.read(_CHUNK):
+  while chunk := f.read(min(_CHUNK, f.limit)):
     if chunk.strip(b"\0"):
       return False
   return True
@@ -148,7 +148,7 @@ class TarReader:
       yield skip_marker("unreadable_file", -1), FAILED_FILE_END
       return
     with f:
-      if os.fstat(f.fileno()).st_size:
+      if stream_size(f) != 0:  # None: a stream of unknown size
         yield from self._samples(path, _BoundedReads(f, self.max_member_bytes
                                                      + tarfile.BLOCKSIZE), offset)
 

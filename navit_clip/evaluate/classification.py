@@ -5,12 +5,19 @@ Multi-label (sigmoid, JFT-style multi-hot labels): precision@1 (the share of ima
 highest-scoring class is one of their labels), mAP (the mean over classes with at least one
 positive image of the average precision of the images ranked by that class's logit) and the
 mean sigmoid cross-entropy summed over classes. Logits are one row per image: gather the
-valid slots of packed batches first (`logits[batch["image_mask"]]`).
+valid slots of packed batches first (`logits[batch["image_mask"]]`); `evaluate` does that
+for a classification model over packed labelled batches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+import jax
 import numpy as np
+from flax import nnx
+
+from navit_clip.data.batch import device_fields
 
 
 def _check(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> None:
@@ -74,3 +81,34 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
   if multi_label:
     return multilabel_metrics(logits, labels)
   return softmax_metrics(logits, labels)
+
+
+def model_logits(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(logits float32 [N, K], labels [N] or [N, K]) of the valid slots of packed `batches`.
+
+  `model(batch)` -> (logits [B, M, K], image_mask [B, M]) (navit_clip.model.Classifier),
+  compiled once for the stream (every batch has the same spec).
+  """
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b)[0])
+  logits, labels = [], []
+  for batch in batches:
+    out = np.asarray(forward(state, device_fields(batch, drop=("labels",))))
+    mask = batch["image_mask"]
+    logits.append(out[mask])
+    labels.append(batch["labels"][mask])
+  if not logits:
+    raise ValueError("classification evaluation got no batches")
+  return np.concatenate(logits), np.concatenate(labels)
+
+
+def evaluate(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]],
+             multi_label: bool) -> dict[str, float | int]:
+  """`classification_metrics` of `model`'s logits over labelled packed `batches`, plus
+  "chance" (single-label: 1 / K, the top-1 of a constant guess)."""
+  logits, labels = model_logits(model, batches)
+  out = classification_metrics(logits, labels, multi_label)
+  if not multi_label:
+    out["chance"] = 1.0 / logits.shape[1]
+  return out

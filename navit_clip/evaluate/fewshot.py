@@ -10,7 +10,9 @@ and a linear map onto one-vs-rest targets in {-1, +1} is solved in closed form:
 with one eigendecomposition shared by every l2. The l2 is chosen among `l2_regs` by top-1
 on held-out training images (the next `holdout_per_class` images of each class after its
 shots; never a test image), and the probe with that l2 is scored on the test split: top-1
-of the argmax over classes. NaViT reports ImageNet 10-shot this way.
+of the argmax over classes. NaViT reports ImageNet 10-shot this way. The `fewshot`
+evaluator (navit_clip.evaluate.runner) probes a model's image embeddings (`embed_images`:
+a contrastive model's, or a classification model's before its head) with this.
 """
 
 from __future__ import annotations
@@ -134,3 +136,14 @@ def fewshot_accuracy(train_embeddings: np.ndarray, train_labels: np.ndarray,
     out[f"{n}shot_l2"] = [l2 for _, l2 in runs]
   out.update(num_classes=num_classes, chance=1.0 / num_classes)
   return out
+
+
+def alternate_split(embedded: dict[str, np.ndarray]) -> tuple[dict, dict]:
+  """(pool, test) of one labelled set: its even and its odd positions.
+
+  `embedded` holds arrays [N, ...] in example-id order (`embed_packed`'s output); taking
+  every other image, not the first half, keeps every class on both sides of a set stored
+  class by class (class folders).
+  """
+  return ({k: v[0::2] for k, v in embedded.items()},
+          {k: v[1::2] for k, v in embedded.items()})

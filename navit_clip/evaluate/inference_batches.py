@@ -66,7 +66,8 @@ def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
       `navit_clip.data.pipeline.make_stream`), of records {"image": encoded bytes or uint8
       [H, W, C], "example_id": int, and `label_field` if given} or skip markers
       (navit_clip.data.counters).
-    spec: the batch shape; needs num_classes when `label_field` is given.
+    spec: the batch shape; needs num_classes when `label_field` is given (labels
+      multi-hot float32 [B, M, K] when spec.multi_label, else int32 [B, M]).
     sampler: the resolution policy's sampler (see `policy.ResolutionPolicy.sampler`).
     label_field: record field copied to int32 "labels" [B, M].
     start, stop: the record range (stop None = the end); a stream starts at 0.
@@ -85,7 +86,8 @@ def inference_batches(source, spec: BatchSpec, sampler: ResolutionSampler, *,
   preprocess = Preprocessor(patch_size=spec.patch_size, sampler=sampler,
                             dropper=TokenDropper(kind="none"), seed=0,
                             label_field=label_field, num_classes=spec.num_classes or 0,
-                            limits=limits, draft=draft, resample=resample)
+                            multi_label=spec.multi_label, limits=limits, draft=draft,
+                            resample=resample)
   ds = _preprocessed(source, preprocess, start, stop)
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from navit_clip import storage
 from navit_clip.checkpoint import Checkpointer, restore_params
 from navit_clip.config_defaults import default_config
 from navit_clip.errors import MissingInputError, UserError, as_user_errors
@@ -36,13 +37,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The ConfigDict the run in `workdir` was trained with: its config.json over the defaults.
 
   Keys that config.json lacks (added to the framework after the run) keep their defaults.
+  A relative tokenizer path (the trainer's copy, tokenizer.model) is taken from `workdir`.
   """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.isfile(path):
     raise MissingInputError(f"{path!r} does not exist; is {workdir!r} a training workdir?")
   config = default_config()
-  with open(path, encoding="utf-8") as f, as_user_errors(path, (ValueError, TypeError)):
+  with storage.open(path, "r") as f, as_user_errors(path, (ValueError, TypeError)):
     config.update(json.load(f))
+  tok = config.data.tokenizer
+  if tok.path and storage.is_local(tok.path) and not os.path.isabs(tok.path):
+    tok.path = storage.join(storage.absolute(workdir), tok.path)
   return config
 
 

@@ -1,11 +1,16 @@
 """Running the evaluators of `config.evals`, inside training and standalone.
 
 Each entry of `config.evals` (see `navit_clip.evaluate.evaluators`) names a kind:
-  zeroshot     top-1 / top-5 / per-class accuracy from class names x templates
-  retrieval    image->text and text->image recall@1/5/10
-  resolutions  zero-shot at each patch budget of `budgets`: a table and a PNG plot
+  zeroshot        top-1 / top-5 / per-class accuracy from class names x templates
+  retrieval       image->text and text->image recall@1/5/10
+  resolutions     zero-shot at each patch budget of `budgets`: a table and a PNG plot
+  fewshot         linear-probe top-1 on frozen image embeddings, per number of shots,
+                  over seeds (contrastive and classification models)
+  classification  a classification model's top-1 / top-5 (softmax) or prec@1 / mAP
+                  (sigmoid, multi-hot labels) on a labelled set
 and runs inside training at multiples of `every_steps` (`run_evals`), or all at once on a
-restored model (`run_all`, `navit-clip eval`).
+restored model (`run_all`, `navit-clip eval`). The first three embed texts: they need a
+contrastive model.
 
 A zero-shot evaluator's labels index the dataset's classes (folder:DIR: its sorted folder
 names). Class names given to the evaluator that match the dataset's own (case- and
@@ -15,6 +20,7 @@ position, and the pairing of labels and names is logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -24,10 +30,11 @@ from flax import nnx
 
 from navit_clip.data.pipeline import decode_limits, make_tokenizer
 from navit_clip.errors import UserError
-from navit_clip.evaluate import prompts, resolution_sweep, retrieval, zeroshot
+from navit_clip.evaluate import (classification, fewshot, prompts, resolution_sweep, retrieval,
+                                 zeroshot)
 from navit_clip.evaluate.datasets import EvalData, load_eval_data
-from navit_clip.evaluate.embedder import Embedder, as_embedder
-from navit_clip.evaluate.evaluators import EVAL_KINDS
+from navit_clip.evaluate.embedder import Embedder, as_embedder, embed_packed
+from navit_clip.evaluate.evaluators import CONTRASTIVE_KINDS, EVAL_KINDS, parse_ints
 from navit_clip.evaluate.inference_batches import Skipped, inference_batches
 from navit_clip.evaluate.inference_resolution import ResolutionPolicy, inference_spec
 
@@ -118,10 +125,12 @@ def _log_positional(names: Sequence[str], dataset_classes: Sequence[str], spec: 
 
 def labelled_batches(config: ml_collections.ConfigDict, e: ml_collections.ConfigDict,
                      data: EvalData, policy: ResolutionPolicy, num_classes: int | None,
-                     skipped: list[Skipped]):
-  """Packed batches of `data` under `policy` with the evaluator's batch shape."""
+                     skipped: list[Skipped], multi_label: bool = False):
+  """Packed batches of `data` under `policy` with the evaluator's batch shape; with
+  `num_classes`, "labels" from its label field (multi-hot [B, M, K] if `multi_label`)."""
   spec = inference_spec(config, policy, batch_size=e.batch_size, seq_len=e.seq_len,
                         max_images=e.max_images, num_classes=num_classes)
+  spec = dataclasses.replace(spec, multi_label=multi_label)
   sampler = policy.sampler(spec.patch_size, spec.seq_len, config.data.resolution.max_upscale)
   return inference_batches(data.source, spec, sampler,
                            label_field=data.label_field if num_classes else None,
@@ -140,41 +149,124 @@ def _skip_report(skipped: list[Skipped], name: str) -> dict:
   return {"skipped": len(skipped), "skipped_reasons": reasons}
 
 
-def run_evaluator(name: str, e: ml_collections.ConfigDict, embedder: Embedder,
-                  config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
-  """Runs one evaluator; returns its JSON-ready results."""
-  data = load_eval_data(e.dataset, config, split=e.split, images_dir=e.images_dir,
-                        data_dir=e.data_dir)
-  tokenizer = make_tokenizer(config)
-  skipped: list[Skipped] = []
-  if e.kind == "zeroshot":
-    classnames, templates = class_lists(e, data)
-    policy = ResolutionPolicy.parse(e.resolution)
+def _zeroshot(e, embedder, config, data, skipped, workdir, name) -> dict:
+  classnames, templates = class_lists(e, data)
+  policy = ResolutionPolicy.parse(e.resolution)
+  batches = labelled_batches(config, e, data, policy, len(classnames), skipped)
+  out = zeroshot.evaluate(embedder, make_tokenizer(config), batches, classnames, templates)
+  return dict(out, resolution=str(policy))
+
+
+def _retrieval(e, embedder, config, data, skipped, workdir, name) -> dict:
+  if data.captions is None:
+    raise UserError(f"retrieval dataset {data.name!r} has no captions")
+  policy = ResolutionPolicy.parse(e.resolution)
+  batches = labelled_batches(config, e, data, policy, None, skipped)
+  out = retrieval.evaluate(embedder, make_tokenizer(config), batches, data.captions)
+  return dict(out, resolution=str(policy))
+
+
+def _resolutions(e, embedder, config, data, skipped, workdir, name) -> dict:
+  classnames, templates = class_lists(e, data)
+  classifier = zeroshot.class_embeddings(embedder, make_tokenizer(config), classnames,
+                                         templates)
+  rows = []
+  for budget in (int(b) for b in e.budgets.split(",")):
+    policy = ResolutionPolicy("budget", budget)
     batches = labelled_batches(config, e, data, policy, len(classnames), skipped)
-    out = zeroshot.evaluate(embedder, tokenizer, batches, classnames, templates)
-    out["resolution"] = str(policy)
-  elif e.kind == "retrieval":
-    if data.captions is None:
-      raise UserError(f"retrieval dataset {data.name!r} has no captions")
-    policy = ResolutionPolicy.parse(e.resolution)
-    batches = labelled_batches(config, e, data, policy, None, skipped)
-    out = retrieval.evaluate(embedder, tokenizer, batches, data.captions)
-    out["resolution"] = str(policy)
-  elif e.kind == "resolutions":
-    classnames, templates = class_lists(e, data)
-    classifier = zeroshot.class_embeddings(embedder, tokenizer, classnames, templates)
-    budgets = [int(b) for b in e.budgets.split(",")]
-    rows = []
-    for budget in budgets:
-      policy = ResolutionPolicy("budget", budget)
-      batches = labelled_batches(config, e, data, policy, len(classnames), skipped)
-      rows.append(resolution_sweep.measure(embedder, batches, classifier, budget))
-    out = {"rows": rows}
-    if workdir is not None:
-      out["files"] = resolution_sweep.write_report(rows, workdir, name)
+    rows.append(resolution_sweep.measure(embedder, batches, classifier, budget))
+  out = {"rows": rows}
+  if workdir is not None:
+    out["files"] = resolution_sweep.write_report(rows, workdir, name)
+  return out
+
+
+def _labelled(data: EvalData, kind: str) -> EvalData:
+  if data.label_field is None:
+    raise UserError(f"{kind} dataset {data.name!r} has no labels")
+  return data
+
+
+def _fewshot_classes(e: ml_collections.ConfigDict, data: EvalData) -> int:
+  """K of a few-shot evaluator: e.num_classes, else the number of classes `data` names."""
+  if e.num_classes:
+    return e.num_classes
+  if data.classnames is None:
+    raise UserError(f"few-shot dataset {data.name!r} does not name its classes; set the "
+                    "evaluator's num_classes")
+  return len(data.classnames)
+
+
+def _fewshot(e, embedder, config, data, skipped, workdir, name) -> dict:
+  """Probes on shots from e.train_dataset (else every other image of `data`), scored on
+  `data` (else on the other images)."""
+  num_classes = _fewshot_classes(e, _labelled(data, "few-shot"))
+  policy = ResolutionPolicy.parse(e.resolution)
+
+  def embedded(source: EvalData) -> dict:
+    batches = labelled_batches(config, e, _labelled(source, "few-shot"), policy, num_classes,
+                               skipped)
+    return embed_packed(embedder, batches, extra_fields=("labels",))
+
+  if e.train_dataset:
+    pool, test = embedded(_load(e.train_dataset, e, config)), embedded(data)
   else:
+    pool, test = fewshot.alternate_split(embedded(data))
+  out = fewshot.fewshot_accuracy(pool["embedding"], pool["labels"], test["embedding"],
+                                 test["labels"], num_classes=num_classes,
+                                 shots=parse_ints(e.shots), seeds=parse_ints(e.seeds))
+  return dict(out, resolution=str(policy), pool_images=len(pool["labels"]),
+              num_images=len(test["labels"]))
+
+
+def _classification(e, model, config, data, skipped, workdir, name) -> dict:
+  """The classification model's own metrics on `data`, whose labels are its classes."""
+  if not isinstance(model, nnx.Module):
+    raise UserError(f"evaluator {name!r} (classification) needs the model itself, not an "
+                    "Embedder")
+  k = config.model.num_classes
+  if data.classnames is not None and len(data.classnames) != k:
+    raise UserError(f"classification dataset {data.name!r} has {len(data.classnames)} "
+                    f"classes but the model has config.model.num_classes = {k}")
+  multi_label = config.loss.name == "sigmoid_xent"
+  policy = ResolutionPolicy.parse(e.resolution)
+  batches = labelled_batches(config, e, _labelled(data, "classification"), policy, k,
+                             skipped, multi_label=multi_label)
+  return dict(classification.evaluate(model, batches, multi_label), resolution=str(policy))
+
+
+_RUNS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "resolutions": _resolutions,
+         "fewshot": _fewshot, "classification": _classification}
+
+
+def _load(spec: str, e: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
+  return load_eval_data(spec, config, split=e.split, images_dir=e.images_dir,
+                        data_dir=e.data_dir)
+
+
+def _check_task(name: str, e: ml_collections.ConfigDict,
+                config: ml_collections.ConfigDict) -> None:
+  """Raises UserError when evaluator `name`'s kind does not apply to config.task's model."""
+  if e.kind not in _RUNS:
     raise UserError(f"config.evals.{name}.kind = {e.kind!r}; expected one of "
                     f"{list(EVAL_KINDS)}")
+  if e.kind in CONTRASTIVE_KINDS and config.task != "contrastive":
+    raise UserError(f"config.evals.{name}: {e.kind} embeds texts and needs a contrastive "
+                    f"model, not a {config.task} model (fewshot and classification apply)")
+  if e.kind == "classification" and config.task != "classification":
+    raise UserError(f"config.evals.{name}: classification needs a classification model, "
+                    f"not a {config.task} model (zeroshot and fewshot apply)")
+
+
+def run_evaluator(name: str, e: ml_collections.ConfigDict, model: nnx.Module | Embedder,
+                  config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """Runs one evaluator on `model` (an Embedder serves every kind but classification);
+  returns its JSON-ready results."""
+  _check_task(name, e, config)
+  data = _load(e.dataset, e, config)
+  skipped: list[Skipped] = []
+  target = model if e.kind == "classification" else as_embedder(model)
+  out = _RUNS[e.kind](e, target, config, data, skipped, workdir, name)
   out.update(dataset=e.dataset, **_skip_report(skipped, name))
   return out
 
@@ -187,8 +279,10 @@ def run_all(model: nnx.Module | Embedder, config: ml_collections.ConfigDict,
   if unknown:
     raise UserError(f"unknown evaluators {unknown}; config.evals has "
                     f"{list(config.evals.keys())}")
-  embedder = as_embedder(model)
-  return {n: run_evaluator(n, config.evals[n], embedder, config, workdir) for n in names}
+  embedder = as_embedder(model)  # one, compiled once, for every evaluator that embeds
+  return {n: run_evaluator(n, config.evals[n],
+                           model if config.evals[n].kind == "classification" else embedder,
+                           config, workdir) for n in names}
 
 
 def run_evals(model: nnx.Module, config: ml_collections.ConfigDict, step: int,
