@@ -7,7 +7,8 @@ and transformers' Siglip2 NaFlex vision model. Prints figures; not a test.
 
 One random B/16 NaFlex image tower in our format (learned 16 x 16 position table resized
 to each grid, MAP head; `transformers_siglip.configure`) embeds 500 ImageNet-like images
-(bench/packing.py's native sizes) under policy naflex:256, the NaFlex processor's default:
+(bench/packing.py's native sizes) under policy naflex:256, the NaFlex processor's default,
+with the xla and the blocked attention backends (navit_clip.attention_blocked):
   packed L=1024   rows of 1024 tokens, several images a row (window best-fit), 8 rows a call
   packed L=512    rows of 512 tokens, 16 rows a call
   one a row       rows of 256 tokens, one image each, padded to 256 (what transformers'
@@ -16,13 +17,14 @@ Every layout gets the same 8192 tokens a call. With --reference-python (a Python
 torch and transformers), a subprocess loads the same weights into transformers'
 Siglip2VisionModel (sdpa attention) and embeds the same patches, 32 images a call with
 its pixel_attention_mask; it is timed in turn with ours, so that load changes hit all.
-Model-only images/s (batches built beforehand, compile and warm-up excluded; the median
-of the rounds), the padding of each layout, and the largest difference of each layout's
-embeddings from the one-a-row ones (and transformers').
+Model-only images/s (batches built beforehand, compile and a warm-up call excluded; the
+median of the rounds), the padding of each layout, and the largest difference of each
+layout's embeddings from xla's one a row (and transformers').
 
-Our xla attention backend scores every pair of a packed row (L x L) and masks the
-cross-image pairs away, so packing several images a row costs attention FLOPs that one
-image a row does not (at L=1024 with about 4 images, 4x the attention scores).
+The xla backend scores every pair of a packed row (L x L) and masks the cross-image pairs
+away, so packing several images a row costs attention that one image a row does not (at
+L=1024 with about 4 images, 4x the scores); the blocked backend computes only the blocks
+of queries and keys that share an image.
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from packing import native_sizes  # noqa: E402  (bench/packing.py: ImageNet-like sizes)
 
 TOKENS_PER_CALL = 8192
-LAYOUTS = (("packed L=1024", 1024, 8), ("packed L=512", 512, 4), ("one a row", 256, 1))
+# name, attention backend, L, M
+LAYOUTS = (("packed L=1024 xla", "xla", 1024, 8), ("packed L=1024 blocked", "blocked", 1024, 8),
+           ("packed L=512 blocked", "blocked", 512, 4), ("one a row xla", "xla", 256, 1),
+           ("one a row blocked", "blocked", 256, 1))
+BASELINE = "one a row xla"
 REFERENCE_NAME = "transformers"
 
 
@@ -91,8 +97,13 @@ def padding(batches: list[dict]) -> float:
   return float(1 - np.mean([(b["segment_ids"] > 0).mean() for b in batches]))
 
 
-def embed_fn(tower: ImageTower):
-  graphdef, state = nnx.split(tower)
+def embed_fn(image_config, backend: str, state):
+  """embed(batches) -> {example id: embedding} with the tower of `image_config` and
+  `backend`, on the parameters `state`; compiled on first use."""
+  config = image_config.copy_and_resolve_references()
+  config.attention = backend
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: ImageTower.from_config(config,
+                                                                        rngs=nnx.Rngs(0))))
   keys = ("patches", "segment_ids", "positions", "grid_hw", "image_mask")
 
   @jax.jit
@@ -165,14 +176,19 @@ def embed():
   return torch.cat([model(pixel_values=pixels[c], pixel_attention_mask=mask[c],
                           spatial_shapes=shapes[c]).pooler_output for c in calls])
 
-np.save(f"{folder}/embeddings.npy", embed().numpy())  # also the warm-up
+with torch.no_grad():  # warm-up: one call
+  model(pixel_values=pixels[calls[0]], pixel_attention_mask=mask[calls[0]],
+        spatial_shapes=shapes[calls[0]])
 print(json.dumps({"ready": True, "torch": torch.__version__,
                   "transformers": transformers.__version__,
-                  "attention": model.config._attn_implementation}), flush=True)
+                  "attention": model.config._attn_implementation,
+                  "threads": torch.get_num_threads()}), flush=True)
 for line in sys.stdin:
   start = time.perf_counter()
-  embed()
-  print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+  embeddings = embed()
+  seconds = time.perf_counter() - start
+  np.save(f"{folder}/embeddings.npy", embeddings.numpy())
+  print(json.dumps({"seconds": seconds}), flush=True)
 '''
 
 
@@ -221,23 +237,44 @@ class Reference:
     self.proc.wait()
 
 
-def timed(embed, batches) -> float:
+def timed(embed, batches) -> tuple[float, dict]:
   start = time.perf_counter()
-  embed(batches)
-  return time.perf_counter() - start
+  out = embed(batches)
+  return time.perf_counter() - start, out
 
 
 def report(n: int, rates: dict, pads: dict, diffs: dict) -> None:
-  base = rates["one a row"]
-  print(f"{'layout':15s} {'padding':>8s} {'images/s':>9s} {'vs one a row':>13s} "
+  base = rates[BASELINE]
+  print(f"{'layout':22s} {'padding':>8s} {'images/s':>9s} {'vs ' + BASELINE:>17s} "
         f"{'max |diff|':>11s}")
   for name, rate in rates.items():
-    print(f"{name:15s} {pads[name]:8.1%} {rate:9.2f} {rate / base:12.2f}x "
+    print(f"{name:22s} {pads[name]:8.1%} {rate:9.2f} {rate / base:16.2f}x "
           f"{diffs[name]:11.1e}")
   if REFERENCE_NAME in rates:
     ref = rates[REFERENCE_NAME]
     print("vs transformers: " + ", ".join(f"{name} {rate / ref:.2f}x" for name, rate
                                           in rates.items() if name != REFERENCE_NAME))
+
+
+def measure(layouts: dict, embeds: dict, reference: Reference | None, repeats: int
+            ) -> tuple[dict, dict]:
+  """(seconds per round, embeddings) of every layout (and the reference), timed in turn."""
+  for name, batches in layouts.items():  # compile and warm up: one call each
+    embeds[name](batches[:1])
+  names = [*layouts, *([REFERENCE_NAME] if reference else [])]
+  times, outputs = {name: [] for name in names}, {}
+  for r in range(repeats):
+    for name, batches in layouts.items():
+      seconds, outputs[name] = timed(embeds[name], batches)
+      times[name].append(seconds)
+      print(f"  round {r + 1}/{repeats}: {name} {seconds:.1f} s", file=sys.stderr, flush=True)
+    if reference:
+      times[REFERENCE_NAME].append(reference.seconds())
+      print(f"  round {r + 1}/{repeats}: {REFERENCE_NAME} {times[REFERENCE_NAME][-1]:.1f} s",
+            file=sys.stderr, flush=True)
+  if reference:
+    outputs[REFERENCE_NAME] = reference.embeddings()
+  return times, outputs
 
 
 def main() -> None:
@@ -250,28 +287,21 @@ def main() -> None:
   args = p.parse_args()
   variant, n, budget = ("mu/16", 64, 256) if args.small else ("B/16", args.images, 256)
   image_config = tower_config(variant, budget)
-  tower = ImageTower.from_config(image_config, rngs=nnx.Rngs(0))
-  params = nnx.to_pure_dict(nnx.state(tower, nnx.Param))
-  patch = tower.patch_size
+  state = nnx.state(ImageTower.from_config(image_config, rngs=nnx.Rngs(0)))
+  patch = parse_variant(variant)[1]
   examples = naflex_examples(n, patch, budget)
   layouts = {name: layout_batches(examples, seq_len, m, patch)
-             for name, seq_len, m in LAYOUTS}
-  embed = embed_fn(tower)
-  outputs = {name: embed(batches) for name, batches in layouts.items()}  # compile
+             for name, _, seq_len, m in LAYOUTS}
+  embeds = {name: embed_fn(image_config, backend, state) for name, backend, _, _ in LAYOUTS}
   with tempfile.TemporaryDirectory() as folder:
-    reference = (Reference(args.reference_python, folder, examples, params, image_config,
-                           budget) if args.reference_python else None)
-    times = {name: [] for name in [*layouts, *([REFERENCE_NAME] if reference else [])]}
-    for _ in range(args.repeats):
-      for name, batches in layouts.items():
-        times[name].append(timed(embed, batches))
-      if reference:
-        times[REFERENCE_NAME].append(reference.seconds())
+    reference = (Reference(args.reference_python, folder, examples,
+                           nnx.to_pure_dict(nnx.state(state, nnx.Param)), image_config, budget)
+                 if args.reference_python else None)
+    times, outputs = measure(layouts, embeds, reference, args.repeats)
     if reference:
-      outputs[REFERENCE_NAME] = reference.embeddings()
       reference.close()
-  single = outputs["one a row"]
-  diffs = {name: max(float(np.abs(out[k] - single[k]).max()) for k in single)
+  base = outputs[BASELINE]
+  diffs = {name: max(float(np.abs(out[k] - base[k]).max()) for k in base)
            for name, out in outputs.items()}
   pads = {name: padding(batches) for name, batches in layouts.items()}
   if reference:

@@ -11,8 +11,9 @@ instead of lingering as orphans with their decoded images and shared-memory bloc
   (the first `next`, `set_state`, `start_prefetch`) run with SIGINT and SIGTERM blocked in
   the calling thread; Grain starts each worker from a thread created inside such a call,
   and a new process inherits the blocked mask, so neither signal can reach a worker before
-  it has set them aside. The main process still receives them (a blocked thread does not
-  take a process signal; another does, or it waits until the mask is restored).
+  it has set them aside (multiprocessing's resource tracker starts the same way). The main
+  process still receives them (a blocked thread does not take a process signal; another
+  thread does, or it waits until the mask is restored).
 - `init_worker` (Grain's `worker_init_fn`) sets both signals to SIG_IGN and unblocks them,
   then starts a daemon thread that waits on multiprocessing's parent sentinel (a pipe the
   parent holds open until it exits) and ends the worker when it closes.
@@ -26,12 +27,14 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing import resource_tracker
 import os
 import signal
 import threading
 from collections.abc import Iterator
 
 import grain
+from absl import flags
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +99,17 @@ class _ShieldedIterator(grain.DatasetIterator):
 
 class WorkerStartShield(grain.IterDataset):
   """`parent` (an `mp_prefetch` dataset) unchanged, its iterator state included, with
-  its workers started while SIGINT and SIGTERM are blocked (see the module docstring)."""
+  its workers started while SIGINT and SIGTERM are blocked (see the module docstring).
+
+  Grain reads absl flags as it starts workers; where the application has not parsed them
+  (a library caller, not the navit-clip command), they are marked parsed, at defaults.
+  """
 
   def __iter__(self) -> grain.DatasetIterator:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    # multiprocessing's resource tracker unblocks both signals in the thread that first
+    # starts it: start it now, before they are blocked.
+    resource_tracker.ensure_running()
     with stop_signals_blocked():
       return _ShieldedIterator(iter(self._parent))

@@ -412,3 +412,14 @@ def test_a_processor_that_prepares_pixels_otherwise_is_named(tmp_path, name, edi
   (src / "preprocessor_config.json").write_text(json.dumps(processor | edit))
   with pytest.raises(UserError, match=message):
     import_checkpoint(str(src), str(tmp_path / "work"))
+
+
+def test_the_tokenizer_pad_id_is_the_models_own_unless_set(tmp_path):
+  from navit_clip.data.pipeline import make_tokenizer
+  config = import_checkpoint(str(FIXTURES / "siglip"), str(tmp_path / "work"))
+  assert make_tokenizer(config).pad_id == 1  # SigLIP pads with EOS
+  config.data.tokenizer.pad_id = -1
+  assert make_tokenizer(config).pad_id == 0  # the SentencePiece model's pad piece
+  config.data.tokenizer.pad_id = -2
+  with pytest.raises(ValueError, match=r"config\.data\.tokenizer\.pad_id = -2 must be >= -1"):
+    config_lib.validate(config)

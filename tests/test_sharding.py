@@ -22,10 +22,10 @@ MESHES = ("data:8", "data:2,fsdp:4", "data:2,fsdp:2,model:2")
 # (mesh, chunked, micro-batches) of the sigmoid loss checked against one device without
 # accumulation; the chunked losses are tested on every mesh in test_chunked_loss.py, here
 # one runs inside the full step on the richest mesh, also with full-batch accumulation (2
-# micro-batches of 4 rows, one row a batch device).
-STEPS = tuple((m, False, 1) for m in MESHES) + tuple(
-    ("data:2,fsdp:2,model:2", chunked, micro) for chunked, micro in ((True, 1), (False, 2),
-                                                                     (True, 2)))
+# micro-batches of 4 rows, one row a batch device; dense, it is tested on one device in
+# test_grad_accum.py).
+STEPS = tuple((m, False, 1) for m in MESHES) + (("data:2,fsdp:2,model:2", True, 1),
+                                                ("data:2,fsdp:2,model:2", True, 2))
 FSDP_MESHES = ("data:8", "data:4,fsdp:2", "data:2,fsdp:4", "fsdp:8")
 RTOL_LOSS = 1e-5  # relative, on each step's loss
 ATOL_PARAMS = 1e-5  # absolute, on every parameter after two Adam steps of lr 1e-3 (1%)
