@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import jax
@@ -34,7 +36,7 @@ from navit_clip.data.batch import BatchSpec
 from navit_clip.data.pack import assemble_batch
 from navit_clip.data.patchify import patchify, resize
 from navit_clip.data.resolution_sampling import naflex_size
-from navit_clip.errors import UserError
+from navit_clip.errors import MissingInputError, UserError
 from navit_clip.evaluate.restore import restore_model
 from navit_clip.text.tokenizer import Tokenizer
 
@@ -423,3 +425,24 @@ def test_the_tokenizer_pad_id_is_the_models_own_unless_set(tmp_path):
   config.data.tokenizer.pad_id = -2
   with pytest.raises(ValueError, match=r"config\.data\.tokenizer\.pad_id = -2 must be >= -1"):
     config_lib.validate(config)
+
+
+def test_a_model_id_is_read_through_the_hub_cache(tmp_path, monkeypatch):
+  """With huggingface_hub (a stand-in here: no network in tests) an id names a snapshot."""
+  asked = []
+
+  def snapshot_download(model_id, allow_patterns):
+    asked.append((model_id, sorted(allow_patterns)))
+    return str(FIXTURES / "siglip2")
+
+  monkeypatch.setitem(sys.modules, "huggingface_hub",
+                      types.SimpleNamespace(snapshot_download=snapshot_download))
+  config = import_checkpoint("google/siglip2-tiny", str(tmp_path / "work"))
+  assert config.inference_resolution == "square:32"
+  assert asked[0][0] == "google/siglip2-tiny" and "model.safetensors" in asked[0][1]
+
+
+def test_a_model_id_without_huggingface_hub_says_what_to_install(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # its import raises ImportError
+  with pytest.raises(MissingInputError, match="install huggingface_hub"):
+    import_checkpoint("google/siglip2-tiny", str(tmp_path / "work"))

@@ -249,7 +249,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(
   with caplog.at_level(logging.WARNING, logger="navit_clip.checkpoint"):
     resumed = train(_config(demo_tokenizer_path, steps=DAMAGED_STEPS), workdir)
   assert resumed.losses == damage_base.losses[4:], kind  # resumed at step 4
-  [warning, *_] = [r.getMessage() for r in caplog.records]
+  [warning, *_] = [r.getMessage() for r in caplog.records if r.name == "navit_clip.checkpoint"]
   assert "checkpoint step 6 in" in warning and f"checkpoints is {set_aside_as}" in warning
   names = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   assert names == ["2", "4", "6", f"6.{set_aside_as}", "8"]  # 6 saved again, anew

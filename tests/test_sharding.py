@@ -106,7 +106,7 @@ def test_constrain_batch_splits_rows_only_on_a_multi_device_mesh():
 def _run_child(*args) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+                       text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
