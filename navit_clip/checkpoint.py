@@ -199,6 +199,7 @@ class Checkpointer:
     """
     self.directory = storage.absolute(directory)
     self._writer = writer
+    self._saved_here: set[int] = set()  # committed, or being written by this object
     if writer and jax.process_index() == 0 and storage.isdir(self.directory):
       for name in storage.listdir(self.directory):
         if name.isdigit() and not self._committed(name):
@@ -216,8 +217,10 @@ class Checkpointer:
     return storage.isfile(storage.join(self.directory, str(step), COMMIT_MARKER))
 
   def all_steps(self) -> list[int]:
-    """The complete (committed) steps, ascending; damage shows only on restore."""
-    return sorted(s for s in self._manager.all_steps() if self._committed(s))
+    """The complete (committed) steps and those this object is saving, ascending; damage
+    shows only on restore."""
+    return sorted(s for s in self._manager.all_steps()
+                  if s in self._saved_here or self._committed(s))
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -236,9 +239,12 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
       checksums["data"] = _per_process(_data_checksum(data_iterator.get_state()))
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True,
-                              custom_metadata={"checksums": checksums,
-                                               "run": dict(run_metadata or {})})
+    began = self._manager.save(step, args=ocp.args.Composite(**items), force=True,
+                               custom_metadata={"checksums": checksums,
+                                                "run": dict(run_metadata or {})})
+    if began:
+      self._saved_here.add(step)
+    return began
 
   def save_and_wait(self, step: int, state, data_iterator: grain.DatasetIterator | None = None,
                     *, run_metadata: dict | None = None) -> None:

@@ -8,8 +8,10 @@ Both take packed batches of one static shape (the `BatchSpec` chosen at export):
   text encoder   tokens int32 [N, T] -> embeddings float32 [N, D] (L2-normalised); N is
                  symbolic in the StableHLO export (any batch size) and `text_batch` in the
                  SavedModel (TF's XLA op cannot check a symbolic shape of a newer StableHLO)
-The StableHLO serialisations are lowered for every platform of PLATFORMS (CPU, CUDA and
-TPU; jax.export lowers for a platform without its devices), so one export serves on each.
+The StableHLO serialisations are lowered for the `platforms` given, by default PLATFORMS
+(CPU, CUDA and TPU: jax.export lowers for a platform without its devices), so one export
+serves on each; a model whose attention backend is one platform's kernel (cudnn,
+pallas_gpu, splash) lowers for that platform only.
 
 Files in the export directory:
   image_encoder.jax_export, text_encoder.jax_export   `jax.export` serialisations (StableHLO
