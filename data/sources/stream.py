@@ -55,6 +55,14 @@ class EmptyPassError(ValueError):
   """A whole pass over a stream's files yielded no usable record."""
 
 
+def file_failure(path: str, reason: str, error: Exception | str) -> tuple[dict, int]:
+  """(skip marker, FAILED_FILE_END): what a reader yields when the rest of `path` cannot
+  be read, because of `reason` (the skip counter's name) and `error`; logged once here."""
+  detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+  log.warning("%s: %s (%s); skipping the rest of the file", path, reason, detail)
+  return skip_marker(reason, -1), FAILED_FILE_END
+
+
 def mixture_id(component: int, example_id: int) -> int:
   """The example id of component `component`'s record `example_id` in a mixture.
 
@@ -115,10 +123,8 @@ class _FileStreamIterator(grain.DatasetIterator):
     except StopIteration:
       return None
     except Exception as e:  # one bad file must not end the run
-      log.warning("%s: %s: %s; skipping the rest of the file", self._path(slot),
-                  type(e).__name__, e)
       self._readers[slot] = iter(())
-      return skip_marker("read_error", -1), FAILED_FILE_END
+      return file_failure(self._path(slot), "read_error", e)
 
   def _count(self, record: dict, offset: int) -> None:
     if not is_skip(record):

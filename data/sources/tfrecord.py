@@ -34,7 +34,7 @@ import google_crc32c
 
 from navit_clip.data.counters import skip_marker
 from navit_clip.data.sources.paths import open_regular
-from navit_clip.data.sources.stream import FAILED_FILE_END
+from navit_clip.data.sources.stream import FAILED_FILE_END, file_failure
 from navit_clip.data.sources.tf_example import ExampleKeys, example_to_record
 from navit_clip.storage import stream_size
 
@@ -150,13 +150,11 @@ def read_tfrecords(path: str, offset: int = 0,
       yield (data, "", pos) if good else (None, "corrupt_record", pos)
 
 
-def _stream_failure(path: str, error: Exception) -> str:
-  reason = ("truncated_file" if isinstance(error, EOFError)
-            else "corrupt_file" if isinstance(error, (zlib.error, gzip.BadGzipFile))
-            else "unreadable_file")
-  log.warning("%s: %s (%s: %s); skipping the rest of the file", path, reason,
-              type(error).__name__, error)
-  return reason
+def _failure_reason(error: Exception) -> str:
+  """The skip reason of a TFRecord file that ends at `error`."""
+  return ("truncated_file" if isinstance(error, EOFError)
+          else "corrupt_file" if isinstance(error, (zlib.error, gzip.BadGzipFile))
+          else "unreadable_file")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,4 +176,4 @@ class TFRecordReader:
         else:
           yield example_to_record(data, self.keys), next_offset
     except (OSError, EOFError, zlib.error) as e:
-      yield skip_marker(_stream_failure(path, e), -1), FAILED_FILE_END
+      yield file_failure(path, _failure_reason(e), e)

@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import tarfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from navit_clip.data.counters import skip_marker
 from navit_clip.data.sources.paths import open_regular
-from navit_clip.data.sources.stream import FAILED_FILE_END
+from navit_clip.data.sources.stream import FAILED_FILE_END, file_failure
 from navit_clip.storage import stream_size
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 _JSON_CAPTION_KEYS = ("caption", "captions", "texts", "text")
@@ -123,13 +120,10 @@ def _only_zeros_after(f: _BoundedReads, offset: int) -> bool:
   return True
 
 
-def _failure(path: str, error: Exception) -> str:
-  """The reason a shard ends at `error` from the tar parser; logged with the shard."""
-  reason = ("tar_oversized_header" if isinstance(error, (_OversizedRead, MemoryError))
-            else "tar_corrupt")
-  log.warning("%s: %s (%s: %s); skipping the rest of the shard", path, reason,
-              type(error).__name__, error)
-  return reason
+def _parser_failure(path: str, error: Exception) -> tuple[dict, int]:
+  """The end of a shard at `error` from the tar parser (see stream.file_failure)."""
+  oversized = isinstance(error, (_OversizedRead, MemoryError))
+  return file_failure(path, "tar_oversized_header" if oversized else "tar_corrupt", error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +138,7 @@ class TarReader:
     try:
       f = open_regular(path)
     except OSError as e:
-      log.warning("%s: unreadable_file (%s)", path, e)
-      yield skip_marker("unreadable_file", -1), FAILED_FILE_END
+      yield file_failure(path, "unreadable_file", e)
       return
     with f:
       if stream_size(f) != 0:  # None: a stream of unknown size
@@ -158,7 +151,7 @@ class TarReader:
     try:
       tar = tarfile.open(fileobj=f, mode="r:")
     except Exception as e:  # any error of the parser on hostile bytes
-      yield skip_marker(_failure(path, e), -1), FAILED_FILE_END
+      yield _parser_failure(path, e)
       return
     key, files, refused = None, {}, None
     while True:
@@ -168,7 +161,7 @@ class TarReader:
       except Exception as e:
         if key is not None:  # the sample read before the damage
           yield (skip_marker(refused, -1) if refused else sample_to_record(files)), header_at
-        yield skip_marker(_failure(path, e), -1), FAILED_FILE_END
+        yield _parser_failure(path, e)
         return
       tar.members.clear()  # headers already read; keep memory flat over big shards
       if member is None:
@@ -187,12 +180,10 @@ class TarReader:
       try:
         files[ext] = tar.extractfile(member).read()
       except Exception as e:
-        log.warning("%s: tar_truncated (%s: %s)", path, type(e).__name__, e)
-        yield skip_marker("tar_truncated", -1), FAILED_FILE_END
+        yield file_failure(path, "tar_truncated", e)
         return
     if key is not None:
       yield (skip_marker(refused, -1) if refused else sample_to_record(files)), tar.offset
     if not _only_zeros_after(f, tar.offset):
-      log.warning("%s: tar_corrupt (a damaged header at byte %d ends the archive early); "
-                  "skipping the rest of the shard", path, tar.offset)
-      yield skip_marker("tar_corrupt", -1), FAILED_FILE_END
+      yield file_failure(path, "tar_corrupt",
+                         f"a damaged header at byte {tar.offset} ends the archive early")
