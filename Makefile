@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo study test test-fast bench clean
 
 # The demo needs the runtime only; tests also need pytest, hypothesis and TensorFlow (the
 # SavedModel export round-trip), so `make test` installs the test and tf extras.
@@ -12,6 +12,11 @@ venv:
 
 demo: venv
 	$(VENV)/bin/navit-clip demo $(ARGS)
+
+# The NaViT claims in miniature (README, "NaViT claims at small scale"); not part of CI.
+# About 40 minutes on a quiet 2-core CPU; ARGS=--quick for a couple of minutes.
+study: venv
+	$(VENV)/bin/navit-clip study --workdir runs/study $(ARGS)
 
 # Both check the import layers first (pyproject.toml [tool.importlinter]), then run pytest.
 test: EXTRAS = test,tf

@@ -25,8 +25,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +34,7 @@ from PIL import Image
 
 from navit_clip.data.captions import CaptionError, choose_caption, usable_entries
 from navit_clip.data.counters import SKIP_KEY
+from navit_clip.data.progress import Progress
 from navit_clip.data.sources.tf_example import encode_example
 from navit_clip.data.work_units import Unit, work_units
 
@@ -154,33 +153,6 @@ def _remove_stale_temporaries(paths: list[str]) -> None:
       os.remove(tmp)
 
 
-class Progress:
-  """A one-line progress bar on stderr: shards done, records, skipped, rate, ETA."""
-
-  def __init__(self, total: int, stream=None):
-    self.total, self.done, self.stream = total, 0, stream or sys.stderr
-    self.counts: collections.Counter[str] = collections.Counter()
-    self.t0 = time.perf_counter()
-
-  def update(self, counts: dict[str, int]) -> None:
-    self.done += 1
-    self.counts.update(counts)
-    elapsed = time.perf_counter() - self.t0
-    width = 30
-    filled = int(width * self.done / max(self.total, 1))
-    skipped = sum(v for k, v in self.counts.items() if k.startswith("skipped/"))
-    eta = elapsed / self.done * (self.total - self.done)
-    self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                      f"shards, {self.counts['records']} records, {skipped} skipped, "
-                      f"{self.counts['records'] / max(elapsed, 1e-9):.0f} rec/s, "
-                      f"ETA {eta:.0f}s ")
-    self.stream.flush()
-
-  def close(self) -> None:
-    self.stream.write("\n")
-    self.stream.flush()
-
-
 def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1,
             records_per_shard: int = 10_000, prefix: str = "data", progress: bool = True,
             log: Callable[[str], None] = print) -> dict[str, int]:
@@ -197,7 +169,7 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1
   _remove_stale_temporaries([path for _, path in todo])
   if len(todo) < len(jobs):
     log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already written")
-  bar = Progress(len(todo)) if progress and todo else None
+  bar = Progress("data convert", len(todo), "shards", enabled=progress and bool(todo))
   summary_path = os.path.join(out_dir, "convert.json")
   per_shard = {}
   if os.path.exists(summary_path):
@@ -207,6 +179,8 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1
 
   def done(path: str, counts: dict[str, int]) -> None:
     total.update(counts)
+    bar.update(bar.done + 1, records=total["records"],
+               skipped=sum(v for k, v in total.items() if k.startswith("skipped/")))
     per_shard[os.path.basename(path)] = counts
     all_counts: collections.Counter[str] = collections.Counter()
     for c in per_shard.values():
@@ -215,8 +189,6 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1
       json.dump({"source": config.data.source, "files": config.data.train_files,
                  "totals": dict(all_counts), "shards": per_shard}, f, indent=2,
                 sort_keys=True)
-    if bar:
-      bar.update(counts)
 
   if workers > 1 and len(todo) > 1:
     with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
@@ -225,6 +197,5 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1
   else:
     for job in todo:
       done(job[1], _convert_unit(job))
-  if bar:
-    bar.close()
+  bar.close()
   return dict(total)

@@ -33,18 +33,28 @@ from typing import Any, Protocol, runtime_checkable
 
 import grain
 
+from navit_clip.errors import UserError
+
 SKIP_KEY = "skip"
 NOTES_KEY = "notes"
 FAILED_FILES_KEY = "failed_files"  # on a marker that ended a file: (stream, failed, files)
+# On a record, or its marker, whose source fields lack the configured image or caption:
+# what the source record holds instead (its feature names, its tar members' extensions)
+HELD_KEY = "held_fields"
 
 
-class BadSourceError(ValueError):
-  """Most records of a source are unusable: a wrong path or format."""
+class BadSourceError(UserError):
+  """Most records of a source are unusable: a wrong path or format (the input's fault:
+  the command line prints it as one line)."""
 
 
-def skip_marker(reason: str, example_id: int) -> dict[str, Any]:
-  """The element that stands in for a record that cannot be used, with its reason."""
-  return {SKIP_KEY: reason, "example_id": int(example_id)}
+def skip_marker(reason: str, example_id: int, held: str | None = None) -> dict[str, Any]:
+  """The element that stands in for a record that cannot be used, with its reason (and,
+  under HELD_KEY, what the record held when it lacked the configured fields)."""
+  marker = {SKIP_KEY: reason, "example_id": int(example_id)}
+  if held:
+    marker[HELD_KEY] = held
+  return marker
 
 
 def is_skip(element: dict) -> bool:
@@ -70,6 +80,7 @@ class SkipCountingIterator(grain.DatasetIterator):
     self._records = 0
     self._skipped: collections.Counter[str] = collections.Counter()
     self._notes: collections.Counter[str] = collections.Counter()
+    self._held = ""  # HELD_KEY of the latest marker with one: named in the errors
 
   def __next__(self) -> dict:
     while True:
@@ -81,6 +92,7 @@ class SkipCountingIterator(grain.DatasetIterator):
       self._records += 1
       if is_skip(element):
         self._skipped[element[SKIP_KEY]] += 1
+        self._held = element.get(HELD_KEY, self._held)
         if FAILED_FILES_KEY in element:
           self._check_files(*element[FAILED_FILES_KEY])
         self._check()
@@ -92,6 +104,9 @@ class SkipCountingIterator(grain.DatasetIterator):
 
   def _reasons(self) -> str:
     return ", ".join(f"{k}: {v}" for k, v in self._skipped.most_common())
+
+  def _held_note(self) -> str:
+    return f" The unusable records hold {self._held}." if self._held else ""
 
   def _check_files(self, stream: str, failed: int, files: int) -> None:
     """`failed` of the `files` of `stream` have failed in this pass (the source counts)."""
@@ -111,7 +126,8 @@ class SkipCountingIterator(grain.DatasetIterator):
       raise BadSourceError(
           f"data source {self._source}: {bad} of the first {self._records} records were "
           f"unusable ({self._reasons()}), more than config.data.max_bad_fraction = "
-          f"{self._max_bad}. Check the path, the file format and the feature keys.")
+          f"{self._max_bad}. Check the path, the file format and the feature keys."
+          f"{self._held_note()}")
     if bad == self._records:
       self._check_usable()
 
@@ -120,7 +136,7 @@ class SkipCountingIterator(grain.DatasetIterator):
       raise BadSourceError(
           f"data source {self._source}: none of the {self._records} records read was "
           f"usable ({self._reasons()}). Check the path, the file format and the feature "
-          "keys.")
+          f"keys.{self._held_note()}")
 
   def counters(self) -> dict[str, int]:
     """{"records": seen, "skipped": total, "skipped/<reason>": n, "noted/<note>": n}."""

@@ -6,6 +6,16 @@ header (format, size, EXIF orientation) and refuses what must not be decoded; th
 libjpeg for a reduced-scale decode (1/2, 1/4 or 1/8: PIL's `draft`), which is several times
 faster and still at least the target size, so the final resize only shrinks.
 
+Decoders (`config.data.decode.decoder`): "pil" decodes everything with PIL. "auto" (the
+default) decodes baseline and progressive RGB and grayscale JPEGs with libjpeg-turbo through
+simplejpeg, straight into a NumPy array, at the scale PIL's draft would choose, with the
+same accurate IDCT and smooth chroma upsampling, and applies the EXIF orientation with the
+same flips and rotations: the same pixels as "pil" wherever the libjpeg-turbo builds of the
+two agree (bit for bit with Pillow 13.0 and simplejpeg 1.9.0, tested; not with a Pillow
+built on another libjpeg), about 1.3x faster to decode, without PIL's copies. Everything
+else goes to PIL: other formats, CMYK / YCCK JPEGs, and any JPEG that simplejpeg refuses or
+warns about (truncated or corrupt data, 12-bit), so the reasons for bad bytes are PIL's.
+
 Every input is turned into RGB: grayscale, palette, CMYK, 16-bit and float modes are
 converted (16-bit values scaled by 1/256, not clipped); alpha is composited over white;
 EXIF orientation is applied; animated GIF/WebP and multi-page TIFF give their first frame.
@@ -23,6 +33,7 @@ import warnings
 
 import ml_collections
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 from navit_clip.choices import check_choice, check_range
@@ -43,15 +54,26 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
                ZeroDivisionError, struct.error)
 MISLABELLED_POLICIES = ("decode", "skip")
+DECODERS = ("auto", "pil")
+_TURBO_MODES = ("RGB", "L")  # PIL modes of the JPEGs that "auto" decodes with libjpeg-turbo
+# EXIF orientation -> the flip / rotation that displays the image, as in PIL's
+# ImageOps.exif_transpose (FLIP_LEFT_RIGHT, ROTATE_180, FLIP_TOP_BOTTOM, TRANSPOSE,
+# ROTATE_270, TRANSVERSE, ROTATE_90)
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
 
 
 def check_config(cfg: ml_collections.ConfigDict | DecodeLimits,
                  prefix: str = "config.data.decode.") -> None:
-  """Checks config.data.decode, or the same fields of a DecodeLimits (0 turns a limit off).
+  """Checks config.data.decode (its `decoder` among them), or the same fields of a
+  DecodeLimits (0 turns a limit off).
 
   `prefix` + field name names a field in the errors ("config.data.decode.max_pixels").
   """
   check_choice(f"{prefix}mislabelled", cfg.mislabelled, MISLABELLED_POLICIES)
+  if isinstance(cfg, ml_collections.ConfigDict):
+    check_choice(f"{prefix}decoder", cfg.decoder, DECODERS)
   for name in ("max_pixels", "min_side", "max_aspect"):
     check_range(f"{prefix}{name}", getattr(cfg, name), 0)
 
@@ -101,14 +123,19 @@ class OpenedImage:
     mislabelled: the content's format differs from the declared one.
   """
 
-  def __init__(self, image: Image.Image, mislabelled: bool):
+  def __init__(self, image: Image.Image, mislabelled: bool, data: bytes | None = None,
+               decoder: str = "pil"):
+    """`data`, the encoded bytes of `image`, lets the "auto" decoder read them itself."""
     self._image = image
     self.format = image.format
     self.mislabelled = mislabelled
     w, h = image.size
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    self._transposed = orientation in _SWAPS_AXES
+    self._orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    self._transposed = self._orientation in _SWAPS_AXES
     self.size_hw = (w, h) if self._transposed else (h, w)
+    turbo = (decoder == "auto" and data is not None and self.format in ("JPEG", "MPO")
+             and image.mode in _TURBO_MODES)
+    self._turbo_data = data if turbo else None
 
   def load(self, draft_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Decodes to uint8 [H, W, 3] RGB, oriented.
@@ -123,9 +150,17 @@ class OpenedImage:
     """
     im = self._image
     try:
+      want_wh = None
       if draft_hw is not None and self.format in ("JPEG", "MPO"):
         h, w = draft_hw
-        im.draft(None, (h, w) if self._transposed else (w, h))
+        want_wh = (h, w) if self._transposed else (w, h)
+      if self._turbo_data is not None:
+        pixels = _turbo_decode(self._turbo_data, im.size, _draft_scale(im.size, want_wh))
+        if pixels is not None:
+          orient = _ORIENT.get(self._orientation)
+          return pixels if orient is None else np.ascontiguousarray(orient(pixels))
+      if want_wh is not None:
+        im.draft(None, want_wh)
       im.load()
       im = ImageOps.exif_transpose(im)
       return _to_rgb(im)
@@ -136,6 +171,30 @@ class OpenedImage:
       raise DecodeError(reason, f"{type(e).__name__}: {e}") from None
     finally:
       self._image.close()
+
+
+def _draft_scale(size_wh: tuple[int, int], want_wh: tuple[int, int] | None) -> int:
+  """The reduction PIL's JPEG `draft` picks: the largest of 8, 4, 2, 1 that divides neither
+  side below the wanted one (1 when nothing is wanted)."""
+  if want_wh is None:
+    return 1
+  scale = min(size_wh[0] // want_wh[0], size_wh[1] // want_wh[1])
+  return next(s for s in (8, 4, 2, 1) if scale >= s or s == 1)
+
+
+def _turbo_decode(data: bytes, size_wh: tuple[int, int], scale: int) -> np.ndarray | None:
+  """A JPEG -> uint8 [ceil(H / scale), ceil(W / scale), 3] RGB with libjpeg-turbo (stored
+  orientation), or None where simplejpeg refuses it or warns (PIL then decodes it)."""
+  w, h = size_wh
+  out_h, out_w = -(-h // scale), -(-w // scale)
+  try:
+    if tuple(simplejpeg.decode_jpeg_header(data)[:2]) != (h, w):
+      return None
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=out_h,
+                                    min_width=out_w)
+  except (ValueError, RuntimeError):
+    return None
+  return pixels if pixels.shape == (out_h, out_w, 3) else None
 
 
 def _wide_gray_to_rgb(im: Image.Image) -> np.ndarray:
@@ -169,7 +228,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def open_image(data: bytes, limits: DecodeLimits = DecodeLimits(),
-               declared: str | None = None) -> OpenedImage:
+               declared: str | None = None, decoder: str = "auto") -> OpenedImage:
   """Reads the header of encoded image bytes and checks them against `limits`.
 
   Args:
@@ -177,12 +236,14 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits(),
     limits: what to refuse.
     declared: the format the bytes claim to be (a file name, an extension or a format
       name such as "jpeg"), or None.
+    decoder: one of DECODERS, for `OpenedImage.load` (see the module docstring).
 
   Raises:
     DecodeError: "empty", "not_an_image", "unsupported_format", "mislabelled" (only with
       limits.mislabelled == "skip"), "decompression_bomb", "too_small", "extreme_aspect",
       "corrupt".
   """
+  check_choice("decoder", decoder, DECODERS)
   if data is None or len(data) == 0:
     raise DecodeError("empty")
   try:
@@ -218,7 +279,7 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits(),
     im.close()
     raise DecodeError("extreme_aspect", f"{w}x{h}")
   try:
-    return OpenedImage(im, mislabelled)
+    return OpenedImage(im, mislabelled, bytes(data), decoder)
   except _PIL_ERRORS as e:
     im.close()
     reason = "truncated" if "truncated" in str(e) else "corrupt"

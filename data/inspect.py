@@ -3,7 +3,9 @@
 Counts records, usable and unusable ones (per reason, as training would count them),
 image formats, and histograms of resolution (geometric-mean side sqrt(h * w)), aspect
 ratio (w / h), caption length (words) and captions per image. Every image is fully
-decoded (at reduced scale where the format allows) so truncated files are found.
+decoded (at reduced scale where the format allows) so truncated files are found. Records
+without the configured image or caption fields are counted by what they hold instead (their
+feature names, their tar members), so that wrong `config.data.example_keys` show.
 """
 
 from __future__ import annotations
@@ -11,18 +13,22 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import functools
 import math
 import multiprocessing
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from navit_clip.data.captions import CaptionError, choose_caption
-from navit_clip.data.counters import SKIP_KEY
+from navit_clip.data.counters import HELD_KEY, SKIP_KEY
 from navit_clip.data.decode import DecodeError, DecodeLimits
 from navit_clip.data.decode import open_image
+from navit_clip.data.progress import Progress
 from navit_clip.data.work_units import Unit, work_units
+from navit_clip.errors import UserError
 
 SIDE_EDGES = (64, 128, 224, 384, 512, 768, 1024, 2048)  # px, sqrt(h * w)
 ASPECT_EDGES = (1 / 4, 1 / 2, 3 / 4, 4 / 3, 2, 4)  # w / h
@@ -47,9 +53,12 @@ class Report:
   words: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(WORD_EDGES) + 1))
   captions_per_image: collections.Counter = dataclasses.field(
       default_factory=collections.Counter)
+  # records lacking the configured image or caption, by what they hold (HELD_KEY)
+  held: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   def merge(self, other: Report) -> None:
     self.counts.update(other.counts)
+    self.held.update(other.held)
     self.formats.update(other.formats)
     self.captions_per_image.update(other.captions_per_image)
     for name in ("sides", "aspects", "words"):
@@ -66,6 +75,7 @@ class Report:
                                      self.aspects)),
         "caption_words_histogram": dict(zip(_bin_labels(WORD_EDGES, str), self.words)),
         "captions_per_image": {str(k): v for k, v in sorted(self.captions_per_image.items())},
+        "without_image_or_caption": dict(self.held.most_common()),
     }
 
   def format(self) -> str:
@@ -75,6 +85,8 @@ class Report:
              f"unusable {c['records'] - c['usable']}"]
     for key in sorted(k for k in c if k.startswith(("skipped/", "noted/"))):
       lines.append(f"  {key:32s} {c[key]}")
+    for held, n in self.held.most_common(3):
+      lines.append(f"{n} records without the configured image or caption hold {held}")
     lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in self.formats.most_common()))
     d = self.to_dict()
     for title, key in (("resolution sqrt(h*w), px", "side_histogram"),
@@ -92,6 +104,8 @@ class Report:
 def inspect_record(record: dict[str, Any], report: Report, limits: DecodeLimits) -> None:
   """Adds one record to `report`."""
   report.counts["records"] += 1
+  if HELD_KEY in record:
+    report.held[record[HELD_KEY]] += 1
   if SKIP_KEY in record:
     report.counts[f"skipped/{record[SKIP_KEY]}"] += 1
     return
@@ -130,42 +144,67 @@ def inspect_record(record: dict[str, Any], report: Report, limits: DecodeLimits)
   report.aspects[bisect.bisect_right(ASPECT_EDGES, w / h)] += 1
 
 
-def _inspect_unit(job: tuple[Unit, int, DecodeLimits]) -> Report:
+def _inspect_into(job: tuple[Unit, int, DecodeLimits], report: Report,
+                  on_record: Callable[[], None] = lambda: None) -> Report:
+  """Adds the unit's first `limit` records to `report`, calling `on_record` after each."""
   unit, limit, limits = job
-  report = Report()
   for i, record in enumerate(unit.records()):
     if i >= limit:
       break
     inspect_record(record, report, limits)
+    on_record()
   return report
+
+
+def _inspect_unit(job: tuple[Unit, int, DecodeLimits]) -> Report:
+  return _inspect_into(job, Report())
+
+
+def _progress(units: list[Unit], per_unit: int) -> Progress:
+  """Records of known count for random-access units; files done (and records) for streams."""
+  if all(u.reader is None for u in units):
+    return Progress("data inspect", sum(min(u.stop - u.start, per_unit) for u in units))
+  return Progress("data inspect", len(units), "files")
+
+
+def _show(bar: Progress, report: Report, units_done: int) -> None:
+  c = report.counts
+  if bar.unit == "files":
+    bar.update(units_done, records=c["records"], skipped=c["records"] - c["usable"])
+  else:
+    bar.update(c["records"], skipped=c["records"] - c["usable"])
 
 
 def inspect_source(config: ml_collections.ConfigDict, *, limit: int = 0, workers: int = 1
                    ) -> Report:
-  """Inspects config.data.source over config.data.train_files.
+  """Inspects config.data.source over config.data.train_files, logging its progress.
 
   Args:
     limit: at most this many records (0 = all), taken evenly from every unit.
     workers: processes.
 
   Raises:
-    ValueError: no record read is usable (the report would describe nothing).
+    UserError: no record read is usable (the report would describe nothing).
   """
   from navit_clip.data.pipeline import decode_limits
   units = work_units(config)
   per_unit = math.ceil(limit / len(units)) if limit else 1 << 62
   jobs = [(u, per_unit, decode_limits(config)) for u in units]
-  report = Report()
+  report, bar = Report(), _progress(units, per_unit)
   if workers > 1 and len(jobs) > 1:
     with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-      for r in pool.imap(_inspect_unit, jobs):
+      for done, r in enumerate(pool.imap(_inspect_unit, jobs), 1):
         report.merge(r)
+        _show(bar, report, done)
   else:
-    for job in jobs:
-      report.merge(_inspect_unit(job))
+    for done, job in enumerate(jobs):
+      _inspect_into(job, report, functools.partial(_show, bar, report, done))
+  _show(bar, report, len(jobs))
+  bar.close()
   if not report.counts["usable"]:
     reasons = ", ".join(f"{k}: {v}" for k, v in report.counts.most_common()
                         if k.startswith("skipped/")) or "no records at all"
-    raise ValueError(f"data inspect: {config.data.source} {config.data.train_files!r} has no "
-                     f"usable record in {report.counts['records']} read ({reasons})")
+    held = "".join(f"; they hold {h}" for h, _ in report.held.most_common(1))
+    raise UserError(f"data inspect: {config.data.source} {config.data.train_files!r} has no "
+                    f"usable record in {report.counts['records']} read ({reasons}){held}")
   return report

@@ -23,6 +23,17 @@ costs nothing per image. Pack after `mp_prefetch`, so batches do not depend on w
 
 Counters. Both iterators keep the parent iterator they pack and answer `counters()` from
 it: the skip counters of the `SkipCountingDataset` below them (`navit_clip.data.counters`).
+
+Transfer. Grain worker processes hand each element to the main process through a queue,
+and each NumPy array in it through a shared-memory segment of its own. Per-image examples
+paid that fixed cost (four segments, the queue, the iterator state) once per image, about
+as much CPU time as the per-example work itself. So the workers send `TRANSFER_GROUP`
+consecutive examples at once (`PreprocessGroup`, `to_transfer`): all their uint8 patches
+written once, into one shared-memory block, and everything else (positions, grid, text
+tokens, labels, ids, notes, skip markers) pickled into one bytes value. In the main
+process `UngroupDataset` yields the examples again, in order, their patches views into the
+block: the same examples and the same batches as without workers. Its state is the
+parent's state before the current group and the examples taken from it.
 """
 
 from __future__ import annotations
@@ -30,7 +41,8 @@ from __future__ import annotations
 import collections
 import copy
 import functools
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -44,6 +56,104 @@ from navit_clip.data.pack import (ALGORITHMS, DEFAULT_BINS, DEFAULT_WINDOW, Pack
 
 GRAIN_PACKERS = ("grain_first_fit", "grain_best_fit")
 PACKERS = ALGORITHMS + GRAIN_PACKERS  # the choices of config.data.packer
+TRANSFER_GROUP = 16  # examples a worker sends at once (see "Transfer" above)
+
+
+def to_transfer(examples: Sequence[dict], shared: bool = False) -> dict[str, Any]:
+  """Per-image examples (or skip markers) -> one transfer element.
+
+  Args:
+    examples: what `Preprocessor` returns.
+    shared: write the patches straight into a Grain shared-memory array, which Grain's
+      worker then sends without copying it again (only in a worker: the receiving side
+      frees it).
+
+  Returns:
+    {"patches": uint8 [N, D], the examples' patches one after the other (N their total
+    token count; [0, 0] when none has patches), "rest": bytes, the pickled list of
+    (token count, the example without its patches)}. Patches of unequal widths (bad
+    input, refused by the packer) travel inside "rest" with their example.
+  """
+  blocks = [ex["patches"] for ex in examples if "patches" in ex]
+  if not blocks or len({b.shape[1:] for b in blocks}) > 1:
+    rest = [(-1, ex) for ex in examples]
+    patches = np.zeros((0, 0), np.uint8)
+  else:
+    rest = [(ex["patches"].shape[0] if "patches" in ex else -1,
+             {k: v for k, v in ex.items() if k != "patches"}) for ex in examples]
+    shape = (sum(len(b) for b in blocks), *blocks[0].shape[1:])
+    out = grain.multiprocessing.SharedMemoryArray(shape, np.uint8) if shared else None
+    patches = np.concatenate(blocks, out=out)
+  return {"patches": patches, "rest": pickle.dumps(rest, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+def from_transfer(transfer: dict[str, Any]) -> list[dict]:
+  """The examples of `to_transfer`, in order; their patches are views into the block."""
+  block, start, examples = transfer["patches"], 0, []
+  for n, example in pickle.loads(transfer["rest"]):
+    if n >= 0:
+      example["patches"], start = block[start:start + n], start + n
+    examples.append(example)
+  return examples
+
+
+class PreprocessGroup:
+  """Per-example work on a group of records, as one transfer element (`to_transfer`),
+  for Grain workers (its patches in shared memory).
+
+  Group g holds records g * size ... g * size + size - 1 of the stream; record i is
+  preprocessed as `preprocess(i, record)`, so the examples are those of the ungrouped
+  stream.
+  """
+
+  def __init__(self, preprocess: Callable[[int, dict], dict], size: int = TRANSFER_GROUP):
+    self._preprocess, self._size = preprocess, size
+
+  def __call__(self, group: int, records: Sequence[dict]) -> dict[str, Any]:
+    first = group * self._size
+    return to_transfer([self._preprocess(first + k, r) for k, r in enumerate(records)],
+                       shared=True)
+
+
+class _UngroupIterator(grain.DatasetIterator):
+  """The examples of a parent iterator of transfer elements, one at a time."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self._group_state: Any = None  # the parent's state before the current group
+    self._examples: list[dict] = []
+    self._taken = 0
+
+  def _next_group(self) -> None:
+    self._group_state = self._parent.get_state()
+    self._examples, self._taken = from_transfer(next(self._parent)), 0
+
+  def __next__(self) -> dict:
+    while self._taken == len(self._examples):
+      self._next_group()
+    example = self._examples[self._taken]
+    self._examples[self._taken] = None  # the packer holds it from here
+    self._taken += 1
+    return example
+
+  def get_state(self) -> dict[str, Any]:
+    if self._taken == len(self._examples):  # between groups
+      return {"group": copy.deepcopy(self._parent.get_state()), "taken": 0}
+    return {"group": copy.deepcopy(self._group_state), "taken": self._taken}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["group"])
+    self._examples, self._taken = [], 0
+    if state["taken"]:
+      self._next_group()
+      self._taken = int(state["taken"])
+
+
+class UngroupDataset(grain.IterDataset):
+  """The examples of a dataset of transfer elements (`to_transfer`), one at a time."""
+
+  def __iter__(self) -> _UngroupIterator:
+    return _UngroupIterator(self._parent.__iter__())
 
 
 class PackedBatchIterator(grain.DatasetIterator):

@@ -48,18 +48,20 @@ def resize(image: np.ndarray, size_hw: tuple[int, int], resample: str = "bilinea
   return np.stack(planes, axis=-1)
 
 
-def patchify(image: np.ndarray, patch_size: int
+def patchify(image: np.ndarray, patch_size: int, keep: np.ndarray | None = None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Cuts an image whose sides are multiples of the patch size into patches.
 
   Args:
     image: uint8 [H, W, C], H and W multiples of P = `patch_size`.
     patch_size: P.
+    keep: int [k], the row-major grid indices of the patches to keep, increasing (token
+      dropping: only they are copied); None keeps all n = (H/P) * (W/P).
 
   Returns:
-    patches: uint8 [n, P*P*C], n = (H/P) * (W/P), patches in row-major grid order, each
-      flattened row-major over its pixels with the channel fastest (like image[r, c, :]).
-    positions: int32 [n, 2], the (row, col) of each patch in the grid.
+    patches: uint8 [k, P*P*C], patches in row-major grid order, each flattened row-major
+      over its pixels with the channel fastest (like image[r, c, :]).
+    positions: int32 [k, 2], the (row, col) of each patch in the grid.
     grid_hw: int32 [2], the grid's (rows, cols) = (H/P, W/P).
   """
   _check_image(image)
@@ -70,9 +72,17 @@ def patchify(image: np.ndarray, patch_size: int
     raise ValueError(f"image size ({h}, {w}) is not a multiple of patch size {patch_size}; "
                      "resize to a patch-rounded size first")
   gh, gw = h // patch_size, w // patch_size
-  patches = (image.reshape(gh, patch_size, gw, patch_size, c)
-             .transpose(0, 2, 1, 3, 4)
-             .reshape(gh * gw, patch_size * patch_size * c))
-  rows, cols = np.divmod(np.arange(gh * gw, dtype=np.int32), np.int32(gw))
-  positions = np.stack([rows, cols], axis=-1)
-  return np.ascontiguousarray(patches), positions, np.array([gh, gw], np.int32)
+  if keep is not None and (keep.ndim != 1 or not keep.size or keep.min() < 0
+                           or keep.max() >= gh * gw):
+    raise ValueError(f"keep must index 1..{gh * gw} of the {gh}x{gw} patch grid, got "
+                     f"{keep.size} indices in [{keep.min(initial=0)}, {keep.max(initial=0)}]")
+  # Views until one copy: each patch's row of P pixels (P*C contiguous bytes) is taken as
+  # one item, so the copy moves whole patch rows (several times faster than byte strides).
+  patch_row = np.dtype((np.void, patch_size * c))
+  strips = np.ascontiguousarray(image).reshape(gh, patch_size, gw, patch_size * c)
+  grid = strips.view(patch_row)[..., 0].transpose(0, 2, 1)  # [gh, gw, P] patch rows
+  index = np.arange(gh * gw, dtype=np.int32) if keep is None else keep.astype(np.int32)
+  rows, cols = np.divmod(index, np.int32(gw))
+  kept = np.ascontiguousarray(grid) if keep is None else grid[rows, cols]
+  patches = kept.view(np.uint8).reshape(len(index), patch_size * patch_size * c)
+  return patches, np.stack([rows, cols], axis=-1), np.array([gh, gw], np.int32)

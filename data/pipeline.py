@@ -6,6 +6,8 @@ Random-access sources (demo, ArrayRecord, folders):
       .map_with_index(Preprocessor)                          decode, resize, patchify, drop,
                                                              tokenize (randomness from (s, i))
       .to_iter_dataset().mp_prefetch(workers)                worker processes (0 = in process)
+    with workers: .batch(TRANSFER_GROUP) before the work,    a group of examples a transfer
+      UngroupDataset after mp_prefetch                       (pack_dataset, "Transfer")
 Streamed sources (webdataset tar shards, TFRecord):
     FileStream(this host's files)                            file interleave, new file order
       -> WindowShuffleIterDataset                              each epoch; window shuffle
@@ -36,13 +38,16 @@ from navit_clip.data.counters import SkipCountingDataset
 from navit_clip.data.decode import DecodeLimits
 from navit_clip.data.decode import check_config as check_decode
 from navit_clip.data.sources.demo import DemoSource
-from navit_clip.data.pack_dataset import PACKERS, PackedBatchDataset
+from navit_clip.data.sources.study_shapes import StudyShapesSource
+from navit_clip.data.pack_dataset import (PACKERS, TRANSFER_GROUP, PackedBatchDataset,
+                                          PreprocessGroup, UngroupDataset)
 from navit_clip.data.preprocess import Preprocessor
 from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.data.resolution_sampling import check_config as check_resolution
 from navit_clip.data.sources.arrayrecord import ArrayRecordSource
 from navit_clip.data.sources.tf_example import ExampleKeys
-from navit_clip.data.sources.folder import CaptionFolderSource, ClassFolderSource
+from navit_clip.data.sources.folder import CaptionFolderSource, ClassFolderSource, CsvLayout
+from navit_clip.data.sources.folder import check_config as check_folder
 from navit_clip.data.sources.mixture import parse_mixture
 from navit_clip.data.sources.paths import expand_paths
 from navit_clip.data.sources.stream import FileStream, MixedStream, WorkerStride, mixture_id
@@ -56,7 +61,8 @@ from navit_clip.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-RANDOM_ACCESS = ("demo", "arrayrecord", "folder", "class_folders")
+BUILT_IN = ("demo", "study_shapes")  # synthetic sources: no files, sizes from config.data
+RANDOM_ACCESS = (*BUILT_IN, "arrayrecord", "folder", "class_folders")
 STREAMS = ("webdataset", "tfrecord")
 SOURCES = RANDOM_ACCESS + STREAMS + ("mixture",)
 SHRINK_WARN_SHARE = 0.25  # warn at start when a config shrinks more of its images than this
@@ -90,8 +96,9 @@ def _check_source(d: ml_collections.ConfigDict) -> None:
   if d.source == "mixture":
     with naming("config.data.mixture", d.mixture):
       parse_mixture(d.mixture, RANDOM_ACCESS + STREAMS)
-  elif d.source != "demo" and not d.train_files:
+  elif d.source not in BUILT_IN and not d.train_files:
     raise ValueError(f"config.data.source = {d.source!r} needs config.data.train_files")
+  check_folder(d)
   check_choice("config.data.caption_repair", d.caption_repair, REPAIR_POLICIES)
   for name in ("num_epochs", "num_workers", "bad_check_min_records"):
     check_range(f"config.data.{name}", d[name], 0)
@@ -139,11 +146,15 @@ def make_source(config: ml_collections.ConfigDict, split: str, kind: str | None 
   if kind == "demo":
     n = d.num_train_examples if split == "train" else d.num_eval_examples
     return DemoSource(split, num_examples=n, seed=d.source_seed)
+  if kind == "study_shapes":
+    n = d.num_train_examples if split == "train" else d.num_eval_examples
+    return StudyShapesSource(split, num_examples=n, seed=d.source_seed)
   if kind == "arrayrecord":
     return ArrayRecordSource(expand_paths(files, what=f"{split} ArrayRecord files"),
                              example_keys(config))
   if kind == "folder":
-    return CaptionFolderSource(files, d.max_member_bytes)
+    return CaptionFolderSource(files, d.max_member_bytes, csv_layout=CsvLayout.from_config(d),
+                               image_root=d.image_root)
   if kind == "class_folders":
     return ClassFolderSource(files, d.max_member_bytes)
   if kind in STREAMS or kind == "mixture":
@@ -297,7 +308,8 @@ def make_preprocessor(config: ml_collections.ConfigDict, *, seed: int,
       label_field=None if contrastive else config.data.label_field,
       num_classes=0 if contrastive else config.model.num_classes,
       multi_label=spec.multi_label, limits=decode_limits(config),
-      draft=config.data.decode.draft, caption_repair=config.data.caption_repair)
+      draft=config.data.decode.draft, decoder=config.data.decode.decoder,
+      caption_repair=config.data.caption_repair)
 
 
 def shrink_share(config: ml_collections.ConfigDict, num_draws: int = 2000) -> float:
@@ -338,7 +350,30 @@ def _source_name(config: ml_collections.ConfigDict) -> str:
   d = config.data
   if d.source == "mixture":
     return f"mixture {d.mixture!r}"
-  return f"{d.source} {d.train_files!r}" if d.source != "demo" else "demo"
+  return f"{d.source} {d.train_files!r}" if d.source not in BUILT_IN else d.source
+
+
+def _examples(records: grain.MapDataset | grain.IterDataset, preprocess: Preprocessor,
+              num_workers: int) -> grain.IterDataset:
+  """The per-image examples of `records`, made in `num_workers` processes (0 = this one).
+
+  Workers take random-access records TRANSFER_GROUP at a time, one group after another (no
+  read threads inside a worker), and send each group as one element, which this process
+  ungroups (navit_clip.data.pack_dataset, "Transfer"): the same examples, in the same order.
+  """
+  grouped = num_workers > 0 and isinstance(records, grain.MapDataset)
+  if grouped:
+    ds = (records.batch(TRANSFER_GROUP, batch_fn=list)
+          .map_with_index(PreprocessGroup(preprocess))
+          .to_iter_dataset(grain.ReadOptions(num_threads=0)))
+  elif isinstance(records, grain.MapDataset):
+    ds = records.map_with_index(preprocess).to_iter_dataset()
+  else:
+    ds = records.map(preprocess.on_pair)
+  if num_workers > 0:  # workers leave SIGINT / SIGTERM to this process, and end with it
+    ds = WorkerStartShield(ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=init_worker))
+  return UngroupDataset(ds) if grouped else ds
 
 
 def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
@@ -368,12 +403,6 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int 
     spec = dataclasses.replace(spec, batch_size=spec.batch_size // process_count)
   preprocess = make_preprocessor(config, seed=config.seed, process_index=process_index,
                                  process_count=process_count)
-  if isinstance(records, grain.MapDataset):
-    ds = records.map_with_index(preprocess).to_iter_dataset()
-  else:
-    ds = records.map(preprocess.on_pair)
-  if d.num_workers > 0:  # workers leave SIGINT / SIGTERM to this process, and end with it
-    ds = WorkerStartShield(ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=d.num_workers), worker_init_fn=init_worker))
+  ds = _examples(records, preprocess, d.num_workers)
   return PackedBatchDataset(_count_skips(ds, config, _source_name(config)), spec,
                             packer=d.packer, window=d.pack_window, bins=d.pack_bins)

@@ -12,7 +12,8 @@ count or order (each process of a multi-host run has a seed of its own,
   --> caption (one of several, drawn from (seed, i, 1)) --> tokens int32 [T] / labels
 
 A record that cannot be used (bad bytes, no usable caption, a bad label) becomes a skip
-marker naming the reason (`navit_clip.data.counters`); markers from the source pass through.
+marker naming the reason (`navit_clip.data.counters`), keeping what the record held when
+it lacked the configured fields (HELD_KEY); markers from the source pass through.
 An image whose sampled size overflows the sequence and is shrunk to fit carries the note
 "shrunk_to_fit", so the counters count them (`shrunk_share`).
 Counting and removing them happens in the main process, so the counts are exact.
@@ -26,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from navit_clip.data.captions import CaptionError, choose_caption
-from navit_clip.data.counters import NOTES_KEY, is_skip, skip_marker
+from navit_clip.data.counters import HELD_KEY, NOTES_KEY, is_skip, skip_marker
 from navit_clip.data.decode import DecodeError, DecodeLimits, open_image
 from navit_clip.data.patchify import patchify, resize
 from navit_clip.data.resolution_sampling import ResolutionSampler
-from navit_clip.data.token_drop import TokenDropper, drop_tokens
+from navit_clip.data.token_drop import TokenDropper, kept_tokens
 from navit_clip.text.tokenizer import Tokenizer
 
 _CAPTION_STREAM = 1  # the caption choice draws from (seed, index, _CAPTION_STREAM)
@@ -68,6 +69,8 @@ class Preprocessor:
       `multi_label` (the record then holds a list of class indices).
     limits: what the decoder refuses (bombs, tiny images, extreme aspects, mislabels).
     draft: decode JPEGs at reduced scale when the target is at most half their size.
+    decoder: "auto" (libjpeg-turbo for RGB and grayscale JPEGs) or "pil" (see
+      navit_clip.data.decode).
     resample: the resize filter ("bilinear" or "bicubic", see `patchify.resize`). A target
       side that is not a multiple of the patch size loses its last rows / columns.
     caption_repair: "replace" invalid UTF-8 (noted) or "skip" the record.
@@ -89,6 +92,7 @@ class Preprocessor:
   multi_label: bool = False
   limits: DecodeLimits = DecodeLimits()
   draft: bool = True
+  decoder: str = "auto"
   caption_repair: str = "replace"
   resample: str = "bilinear"
 
@@ -101,27 +105,31 @@ class Preprocessor:
     text_tokens = labels = None
     try:
       if self.tokenizer is not None:
-        caption_rng = np.random.default_rng((self.seed, index, _CAPTION_STREAM))
-        caption, repaired = choose_caption(record.get("caption"), caption_rng,
-                                           self.caption_repair)
+        value = record.get("caption")
+        # only a choice among several captions draws (a generator costs ~30 us to make)
+        several = isinstance(value, (list, tuple, np.ndarray)) and len(value) > 1
+        caption_rng = (np.random.default_rng((self.seed, index, _CAPTION_STREAM))
+                       if several else None)
+        caption, repaired = choose_caption(value, caption_rng, self.caption_repair)
         if repaired:
           notes.append("caption_repaired")
         text_tokens = self.tokenizer.encode([caption])[0]
       if self.label_field is not None:
         labels = self._labels(record.get(self.label_field))
         if labels is None:
-          return skip_marker("bad_label", example_id)
+          return skip_marker("bad_label", example_id, record.get(HELD_KEY))
       rng = np.random.default_rng((self.seed, index))
       image = record.get("image")
       if image is None:
-        return skip_marker("missing_image", example_id)
+        return skip_marker("missing_image", example_id, record.get(HELD_KEY))
       if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3:
           raise ValueError(f"record {example_id}: a decoded 'image' must be uint8 "
                            f"[H, W, C], got {image.dtype}{list(image.shape)}")
         h, w, shrunk = self.sampler.sample(rng, image.shape[0], image.shape[1])
       else:
-        opened = open_image(bytes(image), self.limits, record.get("image_format"))
+        opened = open_image(bytes(image), self.limits, record.get("image_format"),
+                            self.decoder)
         if opened.mislabelled:
           notes.append("mislabelled")
         h, w, shrunk = self.sampler.sample(rng, *opened.size_hw)
@@ -129,13 +137,15 @@ class Preprocessor:
       if shrunk:
         notes.append(SHRUNK_NOTE)
     except (DecodeError, CaptionError) as e:
-      return skip_marker(e.reason, example_id)
+      return skip_marker(e.reason, example_id, record.get(HELD_KEY))
     p = self.patch_size
     image = resize(image, (h, w), self.resample)[:h - h % p, :w - w % p]
-    patches, positions, grid_hw = patchify(image, p)
+    n = (image.shape[0] // p) * (image.shape[1] // p)
     images_seen = index * self.process_count + self.process_index
-    rate = self.dropper.sample_rate(rng, patches.shape[0], images_seen=images_seen)
-    patches, positions, _ = drop_tokens(rng, patches, positions, rate)
+    rate = self.dropper.sample_rate(rng, n, images_seen=images_seen)
+    # the kept patches only are copied out of the image (drop_tokens' draws and result)
+    keep = kept_tokens(rng, n, rate) if rate > 0.0 else None
+    patches, positions, grid_hw = patchify(image, p, keep)
     out = {"patches": patches, "positions": positions, "grid_hw": grid_hw,
            "example_id": np.int64(example_id)}
     if text_tokens is not None:

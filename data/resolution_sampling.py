@@ -12,6 +12,8 @@ Conventions, shared by every function here:
   each differ from the exact scaled size by at most P / 2 (except where raised to P).
 - A sequence of `max_patches` tokens is never overflowed: an image whose grid has more
   patches is shrunk, aspect kept, to the largest grid that fits. Never cut, never an error.
+- The one exception to the kept aspect ratio is kind "square", the fixed-resolution ViT
+  baseline: every image is squashed to square_side x square_side (rounded to patches).
 
 All sizes are (height, width) in pixels, Python ints. Randomness comes only from the
 `np.random.Generator` passed in, so a seeded generator gives the same sizes every run.
@@ -27,7 +29,7 @@ import numpy as np
 
 from navit_clip.choices import check_choice, check_range
 
-KINDS = ("uniform_side", "truncnorm_side", "fixed_area", "patch_budget")
+KINDS = ("uniform_side", "truncnorm_side", "fixed_area", "patch_budget", "square")
 
 
 def check_config(cfg: ml_collections.ConfigDict | ResolutionSampler,
@@ -43,6 +45,7 @@ def check_config(cfg: ml_collections.ConfigDict | ResolutionSampler,
   check_range(f"{prefix}max_upscale", cfg.max_upscale, 0.0, low_open=True)
   check_range(f"{prefix}area", cfg.area, 0.0, low_open=True)
   check_range(f"{prefix}patch_budget", cfg.patch_budget, 1)
+  check_range(f"{prefix}square_side", cfg.square_side, 1)
 
 
 def _check_hw(h: int, w: int) -> None:
@@ -167,8 +170,9 @@ class ResolutionSampler:
 
   kind: uniform_side (side ~ U(min_side, max_side)), truncnorm_side (NaViT's N_t over
   [min_side, max_side]), fixed_area (side = sqrt(area)), patch_budget (largest size with
-  at most `patch_budget` patches; deterministic, for evaluation). The result never has more
-  than `max_patches` patches (the sequence length L).
+  at most `patch_budget` patches; deterministic, for evaluation), square (every image
+  squashed to square_side x square_side, aspect not kept: the fixed-resolution ViT). The
+  result never has more than `max_patches` patches (the sequence length L).
   """
 
   kind: str
@@ -180,6 +184,7 @@ class ResolutionSampler:
   truncnorm_std: float = 1.0
   area: float = 224 * 224
   patch_budget: int = 256
+  square_side: int = 224
   max_upscale: float = 2.0
 
   def __post_init__(self):
@@ -195,7 +200,8 @@ class ResolutionSampler:
     return cls(kind=cfg.kind, patch_size=patch_size, max_patches=max_patches,
                min_side=cfg.min_side, max_side=cfg.max_side,
                truncnorm_mean=cfg.truncnorm_mean, truncnorm_std=cfg.truncnorm_std,
-               area=cfg.area, patch_budget=cfg.patch_budget, max_upscale=cfg.max_upscale)
+               area=cfg.area, patch_budget=cfg.patch_budget, square_side=cfg.square_side,
+               max_upscale=cfg.max_upscale)
 
   def __call__(self, rng: np.random.Generator, h: int, w: int) -> tuple[int, int]:
     """Target (height, width) in pixels for an image of native size (h, w)."""
@@ -209,6 +215,8 @@ class ResolutionSampler:
     shrunk to fit the sequence: a spike of images at the row length, not the distribution.
     """
     budget = self.max_patches
+    if self.kind == "square":
+      return self._square()
     if self.kind == "patch_budget":
       size = fit_patch_budget(h, w, self.patch_size, min(budget, self.patch_budget),
                               self.max_upscale)
@@ -228,6 +236,13 @@ class ResolutionSampler:
     scale = min(side / math.sqrt(h * w), self.max_upscale)
     return (*fit_patch_budget(h, w, self.patch_size, budget, max_upscale=scale), True)
 
+  def _square(self) -> tuple[int, int, bool]:
+    """(side, side, shrunk): square_side rounded to the nearest patch (at least one), shrunk
+    to the largest square grid of at most `max_patches` patches when it has more."""
+    grid = max(1, math.floor(self.square_side / self.patch_size + 0.5))
+    fits = min(grid, math.isqrt(self.max_patches))
+    return fits * self.patch_size, fits * self.patch_size, fits < grid
+
   def _patches(self, size_hw: tuple[int, int]) -> int:
     return (size_hw[0] // self.patch_size) * (size_hw[1] // self.patch_size)
 
@@ -235,7 +250,7 @@ class ResolutionSampler:
     """The share of images shrunk to fit `max_patches`, over `num_draws` sizes sampled for
     a square image of side `max_side` (or of `area`: large enough that the upscale cap
     does not bind)."""
-    if self.kind in ("fixed_area", "patch_budget"):
+    if self.kind in ("fixed_area", "patch_budget", "square"):
       num_draws = 1  # one size per native size
     rng = np.random.default_rng(seed)
     side = math.ceil(max(self.max_side, math.sqrt(self.area)))

@@ -57,12 +57,29 @@ def check_config(cfg: ml_collections.ConfigDict | TokenDropper,
     check_range(f"{prefix}schedule_images", cfg.schedule_images, 1)
 
 
-def drop_tokens(rng: np.random.Generator, patches: np.ndarray, positions: np.ndarray,
-                rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Drops a fraction `rate` of an image's tokens uniformly at random.
+def kept_tokens(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
+  """The tokens of an image of `n` that survive dropping a fraction `rate` at random.
 
   The number kept is n (1 - rate) rounded stochastically (so its mean is exactly
-  n (1 - rate)), and at least one.
+  n (1 - rate)), and at least one. Rate 0 draws nothing.
+
+  Returns:
+    int64 [k], the kept indices in increasing order.
+  """
+  if n < 1:
+    raise ValueError(f"token dropping needs an image of n >= 1 tokens, got {n}")
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"token drop rate must be in [0, 1), got {rate}")
+  if rate == 0.0:
+    return np.arange(n)
+  target = n * (1.0 - rate)
+  keep = max(1, min(n, math.floor(target) + int(rng.random() < target - math.floor(target))))
+  return np.sort(rng.choice(n, size=keep, replace=False))
+
+
+def drop_tokens(rng: np.random.Generator, patches: np.ndarray, positions: np.ndarray,
+                rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Drops a fraction `rate` of an image's tokens uniformly at random (`kept_tokens`).
 
   Args:
     rng: the randomness.
@@ -78,13 +95,9 @@ def drop_tokens(rng: np.random.Generator, patches: np.ndarray, positions: np.nda
   if n < 1 or positions.shape[0] != n:
     raise ValueError(f"drop_tokens needs n >= 1 aligned patches and positions, got "
                      f"{list(patches.shape)} and {list(positions.shape)}")
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"token drop rate must be in [0, 1), got {rate}")
+  kept = kept_tokens(rng, n, rate)
   if rate == 0.0:
-    return patches, positions, np.arange(n)
-  target = n * (1.0 - rate)
-  keep = max(1, min(n, math.floor(target) + int(rng.random() < target - math.floor(target))))
-  kept = np.sort(rng.choice(n, size=keep, replace=False))
+    return patches, positions, kept
   return patches[kept], positions[kept], kept
 
 

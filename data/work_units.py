@@ -49,7 +49,7 @@ def work_units(config: ml_collections.ConfigDict, *, records_per_unit: int = 10_
   d = config.data
   if d.source in pipeline.STREAMS:
     reader = (TarReader(d.max_member_bytes) if d.source == "webdataset"
-              else TFRecordReader(pipeline.example_keys(config)))
+              else TFRecordReader(pipeline.example_keys(config), d.max_member_bytes))
     paths = expand_paths(d.train_files, what=f"{d.source} files")
     return [Unit(i, reader=reader, path=p) for i, p in enumerate(paths)]
   source = pipeline.make_source(config, "train")

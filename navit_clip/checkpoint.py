@@ -26,6 +26,10 @@ directory named by a number for a checkpoint. So:
   another run's state: CheckpointMismatchError, no fallback.
 Checkpoints saved without checksums restore unverified, with a warning.
 
+A directory on an object store (s3://, ...) is mirrored: Orbax writes and reads a local
+staging folder, and navit_clip.checkpoint_mirror downloads the remote committed steps on
+opening and uploads each finished save, its commit marker last (see that module).
+
 `restore_params` reads only the parameters (or a part of them) of a saved train state:
 evaluation and initialising from another run use it, and never read optimizer state.
 """
@@ -47,6 +51,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from navit_clip import storage
+from navit_clip.checkpoint_mirror import CheckpointMirror
 from navit_clip.errors import MissingInputError, UserError
 
 log = logging.getLogger(__name__)
@@ -188,7 +193,8 @@ class Checkpointer:
     """Opens (or creates) `directory`.
 
     Args:
-      directory: the checkpoints' root; one subdirectory per step.
+      directory: the checkpoints' root; one subdirectory per step. A URL is mirrored
+        through a local staging folder (single-process runs only).
       max_to_keep: keep the last K checkpoints (None: all) ...
       keep_period: ... and every checkpoint whose step is a multiple of this, forever.
       async_save: write in a background thread; `save` blocks only to copy to the host.
@@ -198,6 +204,8 @@ class Checkpointer:
         in progress).
     """
     self.directory = storage.absolute(directory)
+    self._mirror = None if storage.is_local(self.directory) else self._open_mirror()
+    self._unpushed: list[int] = []  # saved here, not yet uploaded to the mirror's remote
     self._writer = writer
     self._saved_here: set[int] = set()  # committed, or being written by this object
     if writer and jax.process_index() == 0 and storage.isdir(self.directory):
@@ -212,6 +220,29 @@ class Checkpointer:
         cleanup_tmp_directories=writer)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data"))
+
+  def _open_mirror(self) -> CheckpointMirror:
+    """The mirror of remote `self.directory`, pulled; Orbax then works in its staging."""
+    if jax.process_count() > 1:
+      raise UserError(f"checkpoint directory {self.directory!r}: a multi-process run needs "
+                      "a shared local checkpoint directory (URLs are mirrored by one process)")
+    mirror = CheckpointMirror(self.directory)
+    mirror.pull()
+    log.info("checkpoints of %s are staged in %s", mirror.remote, mirror.staging)
+    self.directory = mirror.staging
+    return mirror
+
+  def _push_finished(self) -> None:
+    """Uploads the finished saves to the mirror's remote and drops the steps Orbax
+    dropped (call after the manager's wait)."""
+    if self._mirror is None or not self._unpushed:
+      return
+    kept = self._manager.all_steps()
+    for step in self._unpushed:
+      if step in kept:
+        self._mirror.push(step)
+    self._unpushed = []
+    self._mirror.prune(kept)
 
   def _committed(self, step: int | str) -> bool:
     return storage.isfile(storage.join(self.directory, str(step), COMMIT_MARKER))
@@ -234,6 +265,8 @@ class Checkpointer:
     `run_metadata` (JSON-able) comes back with the state from `restore`. Every process
     calls it together.
     """
+    if self._unpushed:
+      self.wait()
     items = {"state": ocp.args.StandardSave(state)}
     checksums = {"state": state_checksums(state)}  # before the next step donates `state`
     if data_iterator is not None:
@@ -244,6 +277,8 @@ class Checkpointer:
                                                 "run": dict(run_metadata or {})})
     if began:
       self._saved_here.add(step)
+      if self._mirror is not None:
+        self._unpushed.append(step)
     return began
 
   def save_and_wait(self, step: int, state, data_iterator: grain.DatasetIterator | None = None,
@@ -383,12 +418,8 @@ class Checkpointer:
   def _set_aside(self, name: str, why: str, fault: str) -> None:
     """Renames step directory `name` to `name.why` (or `name.why.K`), out of Orbax's sight.
 
-    Only locally: an object store has no renames (the step stays, skipped on every restore).
+    The directory is local (a URL's Checkpointer works in its local staging folder).
     """
-    if not storage.is_local(self.directory):
-      log.warning("checkpoint step %s in %s is %s (%s); delete it before a save reaches "
-                  "that step", name, self.directory, why, fault)
-      return
     base = os.path.join(self.directory, name)
     target, k = f"{base}.{why}", 1
     while os.path.exists(target):
@@ -408,11 +439,12 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    """Blocks until any asynchronous save has finished."""
+    """Blocks until any asynchronous save has finished (and, mirrored, is uploaded)."""
     self._manager.wait_until_finished()
+    self._push_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

@@ -10,13 +10,17 @@ Formats: transformers SigLIP, SigLIP 2 and SigLIP 2 NaFlex folders (config.json 
 model.safetensors + spiece.model or tokenizer.model, optionally preprocessor_config.json;
 navit_clip.transformers_siglip). `src` is such a folder, a file in it, or, where
 huggingface_hub is installed, a model id on the Hugging Face Hub ("google/siglip2-base-
-patch16-naflex"), fetched into its cache (or read from there).
+patch16-naflex"), fetched into its cache (or read from there). And big_vision's own
+releases: a SigLIP / SigLIP 2 / SigLIP 2 NaFlex .npz file (navit_clip.big_vision_siglip),
+whose architecture its tensors' shapes give, with the SentencePiece model given apart or
+lying beside it.
 The state has no optimizer state: to train on from it, start a new run with
 `config.init.checkpoint = workdir` and `config.init.params = "image;text"` or a subset.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -32,9 +36,8 @@ from navit_clip.checkpoint import Checkpointer
 from navit_clip.config_defaults import default_config
 from navit_clip.errors import MissingInputError, UserError
 from navit_clip.model import build_model
-from navit_clip.transformers_siglip import (TOKENIZER_FILES, configure, find_tokenizer,
-                                            inference_resolution, read_architecture,
-                                            read_params)
+from navit_clip import big_vision_siglip, transformers_siglip
+from navit_clip.transformers_siglip import TOKENIZER_FILES, Architecture, TokenizerFiles
 
 log = logging.getLogger(__name__)
 TRANSFORMERS_FILES = ("config.json", "model.safetensors")
@@ -117,35 +120,81 @@ def _checked_params(config: ml_collections.ConfigDict, params: dict) -> dict:
   return jax.tree.map(jnp.asarray, params)
 
 
-def import_checkpoint(src: str, workdir: str) -> ml_collections.ConfigDict:
-  """Writes the workdir of the checkpoint folder `src` (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What a checkpoint file or folder gives: its towers, weights, image policy, tokenizer."""
 
+  name: str  # the checkpoint, for the log
+  arch: Architecture
+  params: dict  # nested dict of float32 arrays, as nnx.to_pure_dict gives them
+  inference_resolution: str
+  tokenizer: TokenizerFiles
+
+
+def _transformers_source(src: str, tokenizer: str | None) -> Source:
+  """The transformers checkpoint folder (file in it, or Hub model id) `src`."""
+  if tokenizer:
+    raise UserError(f"tokenizer {tokenizer!r}: a transformers checkpoint folder brings its own "
+                    "tokenizer; a tokenizer is given only with a big_vision .npz file")
+  src = resolve_source(src)
+  missing = [f for f in TRANSFORMERS_FILES if not os.path.isfile(os.path.join(src, f))]
+  if missing:
+    raise UserError(f"{src} is not a transformers checkpoint folder: it lacks {missing}")
+  arch = transformers_siglip.read_architecture(src)
+  return Source(src, arch, transformers_siglip.read_params(src, arch),
+                transformers_siglip.inference_resolution(src, arch),
+                transformers_siglip.find_tokenizer(src))
+
+
+def _big_vision_source(path: str, tokenizer: str | None) -> Source:
+  """The big_vision .npz file `path`, with the SentencePiece model `tokenizer` (default: the
+  spiece.model or tokenizer.model beside it)."""
+  if not os.path.isfile(path):
+    raise MissingInputError(f"checkpoint {path!r} does not exist")
+  ckpt = big_vision_siglip.load(path)
+  arch = big_vision_siglip.read_architecture(ckpt)
+  return Source(os.path.abspath(path), arch, big_vision_siglip.read_params(ckpt, arch),
+                big_vision_siglip.inference_resolution(arch),
+                big_vision_siglip.find_tokenizer(path, tokenizer))
+
+
+def _imported_config(source: Source) -> ml_collections.ConfigDict:
+  """The default config with `source`'s towers, loss and image policy (tokenizer: later)."""
+  config = default_config()
+  transformers_siglip.configure(config, source.arch)
+  config.data.seq_len = source.arch.posemb_side ** 2  # the sequence it was trained at
+  config.data.resolution.kind = "patch_budget"
+  config.data.resolution.patch_budget = config.data.seq_len
+  config.inference_resolution = source.inference_resolution
+  return config
+
+
+def import_checkpoint(src: str, workdir: str, tokenizer: str | None = None
+                      ) -> ml_collections.ConfigDict:
+  """Writes the workdir of the checkpoint `src` (see the module docstring).
+
+  Args:
+    src: a transformers folder, a file in one, or a Hub model id; or a big_vision .npz.
+    workdir: the workdir to write; it must hold no checkpoints.
+    tokenizer: the SentencePiece model of a big_vision .npz (default: beside it).
   Returns:
     The config written to workdir/config.json.
   Raises:
     UserError: `src` is not a checkpoint this module reads (naming the file and what is
       wrong), or `workdir` already holds checkpoints.
   """
-  src, workdir = resolve_source(src), os.path.abspath(workdir)
-  missing = [f for f in TRANSFORMERS_FILES if not os.path.isfile(os.path.join(src, f))]
-  if missing:
-    raise UserError(f"{src} is not a transformers checkpoint folder: it lacks {missing}")
+  workdir = os.path.abspath(workdir)
   checkpoints = os.path.join(workdir, "checkpoints")
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise UserError(f"{checkpoints} already holds checkpoints; import into a new workdir")
-  arch = read_architecture(src)
-  config = default_config()
-  configure(config, arch)
-  config.data.seq_len = arch.posemb_side ** 2  # the sequence the checkpoint was trained at
-  config.data.resolution.kind = "patch_budget"
-  config.data.resolution.patch_budget = config.data.seq_len
-  config.inference_resolution = inference_resolution(src, arch)
-  tokenizer = find_tokenizer(src)
-  params = _checked_params(config, read_params(src, arch))
+  source = (_big_vision_source(src, tokenizer) if src.endswith(".npz")
+            else _transformers_source(src, tokenizer))
+  config = _imported_config(source)
+  params = _checked_params(config, source.params)
   os.makedirs(workdir, exist_ok=True)
   tokenizer_path = os.path.join(workdir, "tokenizer.model")
-  shutil.copyfile(tokenizer.model_path, tokenizer_path)
-  _set_tokenizer(config, tokenizer_path, tokenizer.pad_piece)
+  shutil.copyfile(source.tokenizer.model_path, tokenizer_path)
+  _set_tokenizer(config, tokenizer_path, source.tokenizer.pad_piece)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   ckpt = Checkpointer(checkpoints, max_to_keep=None, async_save=False)
@@ -153,7 +202,7 @@ def import_checkpoint(src: str, workdir: str) -> ml_collections.ConfigDict:
     ckpt.save_and_wait(0, {"params": params, "step": jnp.zeros((), jnp.int32)})
   finally:
     ckpt.close()
-  log.info("imported %s (%s image tower %s, text tower %s, images at %s) into %s", src,
-           "NaFlex" if arch.naflex else "fixed-resolution", config.model.image.variant,
+  log.info("imported %s (%s image tower %s, text tower %s, images at %s) into %s", source.name,
+           "NaFlex" if source.arch.naflex else "fixed-resolution", config.model.image.variant,
            config.model.text.variant, config.inference_resolution, workdir)
   return config

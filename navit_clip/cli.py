@@ -2,11 +2,12 @@
 
   navit-clip [--debug] COMMAND ...
   navit-clip demo [--workdir DIR] [--config.KEY=VALUE ...]
+  navit-clip study [--workdir DIR] [--quick] [--config.KEY=VALUE ...]
   navit-clip train --config NAME|FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]
   navit-clip eval --workdir DIR [--step N] [--zeroshot DATASET] [--budgets 64,128,...]
   navit-clip embed --workdir DIR --images PATH|GLOB|DATASET | --texts FILE --out OUT
   navit-clip export --workdir DIR --out DIR [--tf] [--overwrite]
-  navit-clip import --from DIR|FILE|MODEL_ID --workdir DIR
+  navit-clip import --from DIR|FILE|MODEL_ID|FILE.npz [--tokenizer FILE] --workdir DIR
   navit-clip tokenizer train --input captions.txt --vocab-size N --out x.model
   navit-clip data convert|inspect --source KIND --files PATTERN ...
 
@@ -32,7 +33,19 @@ Configs are Python files with get_config(arg) (see configs/); name one by file p
 its name under configs/ ("demo", "siglip_navit_b16"). Any field can be overridden:
 --config.model.image.variant=B/16 --config.optim.lr=1e-3 --config.data.batch_size=256.
 """
-_TAKES_OVERRIDES = ("demo", "train", "eval", "data")
+_YOUR_DATA = """\
+Your data: --config.data.source=folder (a folder of images with captions.jsonl or
+captions.csv, or the index file) | webdataset (img2dataset tar shards: KEY.jpg with KEY.txt
+or KEY.json) | tfrecord | arrayrecord (tf.train.Example) | class_folders | mixture, and
+--config.data.train_files= the folder, or the shards as globs and brace ranges
+('shards/{00000..00999}.tar'; local, s3://, gs:// or https://). Captions are tokenized by
+--config.data.tokenizer.path= a SentencePiece model (`navit-clip tokenizer train`).
+Example features: --config.data.example_keys.image= / .caption= (default image/encoded,
+caption). Check a source with `navit-clip data inspect` first; README.md, "Train on your
+own data", walks through it.
+
+"""
+_TAKES_OVERRIDES = ("demo", "study", "train", "eval", "data")
 LOG_FORMAT = "%(asctime)s %(process_prefix)s%(levelname)s %(name)s: %(message)s"
 USER_ERROR_EXIT = 2
 
@@ -69,12 +82,28 @@ def _add_demo(sub) -> None:
                  help="where the tokenizer, checkpoints and metrics go (default: %(default)s)")
 
 
+def _add_study(sub) -> None:
+  p = _command(
+      sub, "study", commands.run_study,
+      "measure the NaViT claims in miniature on built-in data (about 40 minutes)",
+      "Trains tiny SigLIP towers (configs/study.py) on built-in shapes whose class depends "
+      "on their own aspect ratio, at equal compute (the same real patch tokens): NaViT "
+      "against a square-resize ViT, three position embeddings at sides in and out of the "
+      "training range, token dropping, and one model at many resolutions. Writes study.md, "
+      "results.json and PNG plots into the workdir. --config.* overrides apply to every run.",
+      _EPILOG)
+  p.add_argument("--workdir", default="runs/study",
+                 help="where the runs, the tables and the plots go (default: %(default)s)")
+  p.add_argument("--quick", action="store_true",
+                 help="a couple of minutes: tiny budgets, one seed, a few resolutions")
+
+
 def _add_train(sub) -> None:
   p = _command(
       sub, "train", commands.run_train, "train from a config (contrastive or classification)",
       "Trains the model a config describes; resumes from the latest checkpoint in --workdir "
       "if there is one. Writes config.json, metrics.jsonl, tensorboard/ and checkpoints/ "
-      "into the workdir.", _EPILOG)
+      "into the workdir.", _YOUR_DATA + _EPILOG)
   p.add_argument("--config", required=True, help="config name or file, optionally :ARG")
   p.add_argument("--workdir", required=True, help="output and resume directory")
 
@@ -141,7 +170,8 @@ def _add_embed(sub) -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
   p.add_argument("--chunk", type=int, default=4096, help="inputs per resumable chunk")
   p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = in process)")
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress lines (done, rate, ETA)")
   _add_shape_args(p)
 
 
@@ -172,13 +202,18 @@ def _add_import(sub) -> None:
       sub, "import", commands.run_import,
       "import a public SigLIP / SigLIP 2 checkpoint into a new workdir",
       "Reads a transformers SigLIP, SigLIP 2 or SigLIP 2 NaFlex checkpoint (config.json, "
-      "model.safetensors, its SentencePiece tokenizer, preprocessor_config.json) and writes "
-      "a workdir that eval, embed, export and config.init read like a trained run's: "
+      "model.safetensors, its SentencePiece tokenizer, preprocessor_config.json), or a "
+      "big_vision release of one (a .npz file and its SentencePiece model), and writes a "
+      "workdir that eval, embed, export and config.init read like a trained run's: "
       "config.json (with the image processor's resolution policy), tokenizer.model and "
       "checkpoint 0.")
   p.add_argument("--from", dest="source", required=True, metavar="DIR|FILE|MODEL_ID",
                  help="the checkpoint folder or a file in it; a Hugging Face Hub model id "
-                 "(e.g. google/siglip2-base-patch16-naflex) when huggingface_hub is installed")
+                 "(e.g. google/siglip2-base-patch16-naflex) when huggingface_hub is "
+                 "installed; or a big_vision .npz file (e.g. siglip2_b16_naflex.npz)")
+  p.add_argument("--tokenizer", default="", metavar="FILE",
+                 help="the SentencePiece model of a big_vision .npz (default: spiece.model "
+                 "or tokenizer.model beside it)")
   p.add_argument("--workdir", required=True, help="the workdir to write (without checkpoints)")
 
 
@@ -210,8 +245,8 @@ def _add_data(sub) -> None:
       actions, "convert", commands.run_data_convert,
       "convert a source to ArrayRecord shards (parallel, resumable)",
       "Writes the records of a source as ArrayRecord shards of tf.train.Example (one shard "
-      "per input file, or per --records-per-shard records), in parallel, with a progress "
-      "bar. Run it again to resume: complete shards are skipped. Feature keys and limits "
+      "per input file, or per --records-per-shard records), in parallel, logging its "
+      "progress. Run it again to resume: complete shards are skipped. Feature keys and limits "
       "come from --config.data.* overrides (e.g. --config.data.example_keys.caption=texts).")
   _add_data_source_args(conv)
   conv.add_argument("--out", required=True, help="output directory")
@@ -239,8 +274,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--debug", action="store_true",
                  help="show the traceback of user errors too (or set NAVIT_CLIP_DEBUG=1)")
   sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for add in (_add_demo, _add_train, _add_eval, _add_embed, _add_export, _add_import,
-              _add_tokenizer, _add_data):
+  for add in (_add_demo, _add_study, _add_train, _add_eval, _add_embed, _add_export,
+              _add_import, _add_tokenizer, _add_data):
     add(sub)
   return p
 
@@ -280,13 +315,12 @@ def _mark_absl_flags_parsed() -> None:
 def is_user_error(error: BaseException) -> bool:
   """Whether `error` is the input's fault (see `navit_clip.errors`) rather than a defect.
 
-  User errors: UserError, a data source with nothing usable (BadSourceError), and a path
-  the input names that is missing, not permitted, or a file / directory where the other
-  is needed.
+  User errors: UserError (a data source with nothing usable among them), and a path the
+  input names that is missing, not permitted, or a file / directory where the other is
+  needed.
   """
-  from navit_clip.data.counters import BadSourceError
-  return isinstance(error, (errors.UserError, BadSourceError, FileNotFoundError,
-                            PermissionError, IsADirectoryError, NotADirectoryError))
+  return isinstance(error, (errors.UserError, FileNotFoundError, PermissionError,
+                            IsADirectoryError, NotADirectoryError))
 
 
 def _report_user_error(error: BaseException, debug: bool) -> int:

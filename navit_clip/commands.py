@@ -49,6 +49,19 @@ def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, dict]:
   return demo.run_demo(args.workdir, config)
 
 
+def run_study(args: argparse.Namespace, overrides: list[str]) -> dict:
+  """The NaViT study in --workdir (see navit_clip.study), --quick for a couple of minutes;
+  returns its report."""
+  from navit_clip import study
+  from navit_clip.config_loading import apply_overrides, load_config
+
+  config = load_config("study:navit")  # the overrides are checked once, before any run
+  apply_overrides(config, overrides)
+  _validated(config)
+  study.use_compilation_cache(os.path.join(os.path.abspath(args.workdir), "jax_cache"))
+  return study.run_study(args.workdir, study.QUICK if args.quick else study.FULL, overrides)
+
+
 def _add_cli_evaluators(config: ml_collections.ConfigDict, args: argparse.Namespace) -> None:
   """The evaluators of --zeroshot / --retrieval, as config.evals.cli_<kind>."""
   from navit_clip.config import eval_config
@@ -187,7 +200,7 @@ def run_import(args: argparse.Namespace, overrides: list[str]) -> dict:
   """Imports the public checkpoint --from into the new workdir --workdir; prints a summary."""
   from navit_clip.checkpoint_import import import_checkpoint
 
-  config = import_checkpoint(args.source, args.workdir)
+  config = import_checkpoint(args.source, args.workdir, tokenizer=args.tokenizer or None)
   summary = {"workdir": os.path.abspath(args.workdir),
              "image": config.model.image.variant, "text": config.model.text.variant,
              "inference_resolution": config.inference_resolution,

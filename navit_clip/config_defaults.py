@@ -102,6 +102,12 @@ def _data_defaults() -> ml_collections.ConfigDict:
   d.train_files = ""  # "a/shard-{00000..00099}.tar,b/*.tfrecord"; a folder for folder sources
   d.eval_files = ""  # the same for evaluation (random-access sources)
   d.mixture = ""  # source "mixture": "kind:files=weight;kind:files=weight"
+  # folder source: image paths are relative to image_root or absolute, and lie inside it
+  # ("" = the index file's folder; "/" allows any absolute path)
+  d.image_root = ""
+  d.csv_separator = ","  # captions.csv: one character; "\\t" = tab (open_clip's)
+  d.csv_image_key = ""  # its image column ("" = file|image|filename|path|filepath)
+  d.csv_caption_key = ""  # its caption column ("" = every caption*|text|title column)
   d.source_seed = 0  # the demo source's generator seed
   d.num_train_examples = 50_000  # demo source size
   d.num_eval_examples = 1_000
@@ -111,9 +117,12 @@ def _data_defaults() -> ml_collections.ConfigDict:
   d.shard_by_process = True  # each JAX process reads its own share (records or files)
   d.cycle_length = 16  # streamed sources: files read at once, interleaved
   d.shuffle_window = 1024  # streamed sources: records shuffled within windows (1 = off)
-  d.max_member_bytes = 32 << 20  # webdataset: larger tar members are refused and counted
+  # larger tar members, TFRecord records and folder image files are skipped unread, counted
+  d.max_member_bytes = 32 << 20
   d.caption_repair = "replace"  # invalid UTF-8 captions: "replace" (counted) or "skip"
-  d.max_bad_fraction = 0.5  # stop when more than this share of records is unusable
+  # stop when more than this share of the records is unusable, or of a stream's files cannot
+  # be read to the end; at 1 only a source with no usable record at all stops
+  d.max_bad_fraction = 0.5
   d.bad_check_min_records = 1000  # ... once at least this many records have been read
   d.decode = _decode_defaults()
   d.example_keys = _example_keys_defaults()
@@ -139,6 +148,7 @@ def _resolution_defaults() -> ml_collections.ConfigDict:
   res.truncnorm_std = 1.0
   res.area = 224 * 224  # fixed_area: pixels
   res.patch_budget = 256  # patch_budget: at most this many patches
+  res.square_side = 224  # square: every image squashed to this side (the ViT baseline)
   res.max_upscale = 2.0  # never enlarge an image by more than this factor
   return res
 
@@ -164,6 +174,9 @@ def _decode_defaults() -> ml_collections.ConfigDict:
   """config.data.decode: what decoding refuses (data/decode.py)."""
   dec = ml_collections.ConfigDict()
   dec.draft = True  # decode JPEGs at 1/2, 1/4, 1/8 scale when the target is that small
+  # "auto": RGB / grayscale JPEGs by libjpeg-turbo through simplejpeg (PIL's pixels,
+  # faster), everything else by PIL; "pil": everything by PIL
+  dec.decoder = "auto"
   dec.max_pixels = 100_000_000  # larger images are decompression bombs (0 = no limit)
   dec.min_side = 8  # images with a shorter side are skipped (0 = none)
   dec.max_aspect = 20.0  # images with a longer long/short side ratio are skipped (0 = none)

@@ -9,25 +9,29 @@ or, for .parquet (needs pyarrow), one table with the same columns plus "embeddin
 Work proceeds in chunks of inputs; each finished chunk is written under OUT.parts/ (its
 .npy last, atomically), so an interrupted run started again skips the chunks it has and
 continues. The chunks are merged into the final files at the end and OUT.parts/ removed.
-Images are packed several per row, so a chunk embeds in a few large calls.
+Images are packed several per row, so a chunk embeds in a few large calls. OUT may be a
+URL (s3://, gs://: navit_clip.storage); the chunks are then kept there and the final .npy
+is assembled in a local temporary file and uploaded. Progress (inputs done, rate, ETA) is
+logged every few seconds.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
 import os
-import shutil
-import sys
-import time
+import tempfile
 from collections.abc import Callable, Sequence
 
 import grain
 import ml_collections
 import numpy as np
 
+from navit_clip import storage
 from navit_clip.data.pipeline import decode_limits
+from navit_clip.data.progress import Progress
 from navit_clip.evaluate.embedder import Embedder, embed_packed
 from navit_clip.evaluate.files import ImageFiles
 from navit_clip.evaluate.inference_batches import Skipped, inference_batches
@@ -43,39 +47,6 @@ CHUNK = 4096  # inputs per resumable chunk
 ChunkFn = Callable[[int, int], tuple[np.ndarray, list[dict], list[dict]]]
 
 
-class Progress:
-  """A one-line progress bar on stderr: done / total, rate, skipped."""
-
-  def __init__(self, label: str, total: int, enabled: bool = True):
-    self.label, self.total, self.enabled = label, total, enabled
-    self.t0 = self._last = time.perf_counter()
-    self.done = self.skipped = 0
-    self._drawn = False  # the bar's line is open on stderr
-
-  def update(self, done: int, skipped: int, force: bool = False) -> None:
-    self.done, self.skipped = done, skipped
-    now = time.perf_counter()
-    if not self.enabled or (now - self._last < 0.5 and not force):
-      return
-    self._last = now
-    rate = done / max(now - self.t0, 1e-9)
-    width = 30
-    filled = int(width * done / max(self.total, 1))
-    print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-          f"{rate:.1f}/s skipped {skipped}", end="", file=sys.stderr, flush=True)
-    self._drawn = True
-
-  def end_line(self) -> None:
-    """Ends the bar's line, so that a log message starts on a line of its own."""
-    if self._drawn:
-      print(file=sys.stderr, flush=True)
-      self._drawn = False
-
-  def close(self) -> None:
-    self.update(self.done, self.skipped, force=True)
-    self.end_line()
-
-
 def output_paths(out: str) -> dict[str, str]:
   """The files written for OUT (see the module docstring)."""
   if out.endswith(".parquet"):
@@ -87,52 +58,91 @@ def output_paths(out: str) -> dict[str, str]:
 
 
 def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+  storage.write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_bytes(path).decode("utf-8").splitlines()
+          if line.strip()]
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+  """`array` as a whole .npy file at `path` (local or remote), never half written."""
+  buf = io.BytesIO()
+  np.save(buf, array)
+  storage.write_atomic(path, buf.getvalue())
+
+
+def _load_npy(path: str) -> np.ndarray:
+  """A chunk's array: memory-mapped when local, read whole from an object store."""
+  if storage.is_local(path):
+    return np.load(path, mmap_mode="r")
+  return np.load(io.BytesIO(storage.read_bytes(path)))
+
+
+def _write_parquet(path: str, meta: list[dict], parts: list[str], dtype: str) -> None:
+  try:
+    import pyarrow as pa  # optional: only for .parquet output
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise ImportError("Parquet output needs pyarrow (pip install pyarrow); or write .npy "
+                      "+ .jsonl by giving --out without .parquet") from None
+  arrays = [np.asarray(_load_npy(p + ".npy")) for p in parts]
+  dim = next((a.shape[1] for a in arrays if a.ndim == 2 and len(a)), 0)
+  emb = np.concatenate(arrays) if meta else np.zeros((0, dim), dtype)
+  columns = {k: [row.get(k) for row in meta] for k in (meta[0] if meta else {"index": 0})}
+  columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+  with storage.open(path, "wb") as f:
+    pq.write_table(pa.table(columns), f)
+
+
+def _write_npy(path: str, parts: list[str], rows: int, dtype: str) -> None:
+  """Stacks the chunks' arrays into .npy file `path` through a memory-mapped local file
+  (renamed into place, or put to the object store), so no more than a chunk is in memory."""
+  first = next((a for a in (_load_npy(p + ".npy") for p in parts) if len(a)), None)
+  dim = first.shape[1] if first is not None else 0
+  if storage.is_local(path):
+    local = path + ".tmp.npy"
+  else:
+    fd, local = tempfile.mkstemp(suffix=".npy")
+    os.close(fd)
+  try:
+    merged = np.lib.format.open_memmap(local, mode="w+", dtype=dtype, shape=(rows, dim))
+    row = 0
+    for p in parts:
+      a = _load_npy(p + ".npy")
+      merged[row:row + len(a)] = a
+      row += len(a)
+    merged.flush()
+    del merged
+    if storage.is_local(path):
+      os.replace(local, path)
+    else:
+      storage.put_file(local, path)
+  finally:
+    if os.path.exists(local):
+      os.remove(local)
 
 
 def _merge(paths: dict[str, str], parts: list[str], dtype: str) -> int:
   """Concatenates the chunk files into the final output; returns the row count."""
-  arrays = [np.load(p + ".npy", mmap_mode="r") for p in parts]
   meta = [row for p in parts for row in _read_jsonl(p + ".jsonl")]
-  skipped = [row for p in parts for row in _read_jsonl(p + ".skipped.jsonl")]
-  dim = next((a.shape[1] for a in arrays if a.ndim == 2 and len(a)), 0)
-  n = sum(len(a) for a in arrays)
-  _write_jsonl(paths["skipped"], skipped)
+  _write_jsonl(paths["skipped"], [row for p in parts
+                                  for row in _read_jsonl(p + ".skipped.jsonl")])
   if "parquet" in paths:
-    try:
-      import pyarrow as pa  # optional: only for .parquet output
-      import pyarrow.parquet as pq
-    except ImportError:
-      raise ImportError("Parquet output needs pyarrow (pip install pyarrow); or write .npy "
-                        "+ .jsonl by giving --out without .parquet") from None
-    emb = np.concatenate([np.asarray(a) for a in arrays]) if n else np.zeros((0, dim), dtype)
-    columns = {k: [row.get(k) for row in meta] for k in (meta[0] if meta else {"index": 0})}
-    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
-    pq.write_table(pa.table(columns), paths["parquet"])
-    return n
-  merged = np.lib.format.open_memmap(paths["npy"] + ".tmp.npy", mode="w+", dtype=dtype,
-                                     shape=(n, dim))
-  row = 0
-  for a in arrays:
-    merged[row:row + len(a)] = a
-    row += len(a)
-  merged.flush()
-  del merged
-  os.replace(paths["npy"] + ".tmp.npy", paths["npy"])
-  _write_jsonl(paths["jsonl"], meta)
-  return n
+    _write_parquet(paths["parquet"], meta, parts, dtype)
+  else:
+    _write_npy(paths["npy"], parts, len(meta), dtype)
+    _write_jsonl(paths["jsonl"], meta)
+  return len(meta)
 
 
 def run_chunks(total: int, compute: ChunkFn, out: str, *, dtype: str = "float32",
                chunk: int = CHUNK, progress: Progress | None = None) -> dict:
   """Computes chunks [start, start + chunk) of `total` inputs, resumably, then merges.
+
+  `out` is a local path or a URL (navit_clip.storage): the chunks are kept under OUT.parts/
+  there, so an interrupted run resumes from wherever it ran.
 
   Returns:
     {"rows": usable inputs written, "skipped": unusable ones, "files": written paths}.
@@ -142,25 +152,24 @@ def run_chunks(total: int, compute: ChunkFn, out: str, *, dtype: str = "float32"
   if chunk < 1:
     raise ValueError(f"chunk size must be >= 1, got {chunk}")
   paths = output_paths(out)
-  os.makedirs(paths["parts"], exist_ok=True)
+  storage.makedirs(paths["parts"])
   parts, skipped = [], 0
   for start in range(0, total, chunk):
     stop = min(start + chunk, total)
-    part = os.path.join(paths["parts"], f"{start:012d}")
+    part = storage.join(paths["parts"], f"{start:012d}")
     parts.append(part)
-    if not os.path.exists(part + ".npy"):
+    if not storage.exists(part + ".npy"):
       emb, meta, bad = compute(start, stop)
       _write_jsonl(part + ".jsonl", meta)
       _write_jsonl(part + ".skipped.jsonl", bad)
-      np.save(part + ".tmp.npy", emb.astype(dtype))
-      os.replace(part + ".tmp.npy", part + ".npy")
+      _save_npy(part + ".npy", emb.astype(dtype))  # last: it marks the chunk done
     skipped += len(_read_jsonl(part + ".skipped.jsonl"))
     if progress is not None:
-      progress.update(stop, skipped)
+      progress.update(stop, skipped=skipped)
   if progress is not None:
     progress.close()
   rows = _merge(paths, parts, dtype)
-  shutil.rmtree(paths["parts"])
+  storage.remove_tree(paths["parts"])
   files = [p for k, p in paths.items() if k != "parts"]
   return {"rows": rows, "skipped": skipped, "files": files}
 
@@ -193,14 +202,19 @@ def export_image_embeddings(embedder: Embedder, config: ml_collections.ConfigDic
   spec = inference_spec(config, policy, batch_size=batch_size, seq_len=seq_len,
                         max_images=max_images)
   sampler = policy.sampler(spec.patch_size, spec.seq_len, config.data.resolution.max_upscale)
-  bar = Progress("images", len(source), progress)
+  bar = Progress("embed images", len(source), enabled=progress)
 
   def compute(start: int, stop: int):
     skipped: list[Skipped] = []
+    before = bar.skipped  # of the chunks done
+
+    def show(n: int) -> None:
+      bar.update(start + n, skipped=before + len(skipped))
+
     batches = inference_batches(source, spec, sampler, start=start, stop=stop,
                                 num_workers=num_workers, limits=decode_limits(config),
                                 resample=policy.resample, draft=policy.draft,
-                                skipped=skipped)
+                                skipped=skipped, on_records=show)
     first = next(batches, None)
     ids = np.zeros((0,), np.int64)
     emb = np.zeros((0, 0), np.float32)
@@ -211,8 +225,6 @@ def export_image_embeddings(embedder: Embedder, config: ml_collections.ConfigDic
     meta = [_describe(source, int(i) - offset, int(i)) for i in ids]
     bad = [dict(_describe(source, s.example_id - offset, s.example_id), reason=s.reason)
            for s in skipped]
-    if bad:
-      bar.end_line()
     for b in bad:
       log.warning("skipped %s: %s", b.get("path", b.get("id")), b["reason"])
     return emb, meta, bad
@@ -221,8 +233,8 @@ def export_image_embeddings(embedder: Embedder, config: ml_collections.ConfigDic
 
 
 def read_texts(path: str) -> list[str]:
-  """One text per line of a UTF-8 file, empty lines kept out."""
-  with open(path, encoding="utf-8") as f:
+  """One text per line of a UTF-8 file (local or a URL), empty lines kept out."""
+  with storage.open(path, "r") as f:
     texts = [line.rstrip("\n") for line in f]
   texts = [t for t in texts if t.strip()]
   if not texts:
@@ -234,7 +246,7 @@ def export_text_embeddings(embedder: Embedder, tokenizer: Tokenizer, texts: Sequ
                            out: str, *, dtype: str = "float32", chunk: int = CHUNK,
                            progress: bool = True) -> dict:
   """Embeds `texts` into OUT (rows {"index", "text"}), in order, resumable."""
-  bar = Progress("texts", len(texts), progress)
+  bar = Progress("embed texts", len(texts), "texts", enabled=progress)
 
   def compute(start: int, stop: int):
     emb = embedder.texts(tokenizer.encode(texts[start:stop]))

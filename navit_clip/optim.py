@@ -41,6 +41,7 @@ import optax
 from flax import traverse_util
 
 from navit_clip.choices import check_choice, check_range, naming
+from navit_clip.errors import UserError
 from navit_clip.param_rules import first_match, flatten_names, parse_multipliers
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -182,15 +183,23 @@ def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
     constant: lr;
     rsqrt:    lr / sqrt(1 + s / rsqrt_timescale), s = steps since warmup, times a linear
               cooldown to 0 over the last `cooldown_steps` (when > 0).
+
+  Raises:
+    UserError: `total_steps` (the run's optimizer updates) leaves no step after the
+      warmup (and cooldown), naming config.train.total_steps and config.optim.warmup_steps.
   """
   if c.schedule not in SCHEDULES:
     raise ValueError(f"config.optim.schedule = {c.schedule!r}; expected one of "
                      f"{list(SCHEDULES)}")
   cooldown = c.cooldown_steps if c.schedule == "rsqrt" else 0
   decay_steps = total_steps - c.warmup_steps
-  if c.warmup_steps < 0 or decay_steps - cooldown < 1:
-    raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps "
-                     f"({c.warmup_steps}) + cooldown_steps ({cooldown}), warmup_steps >= 0")
+  if c.warmup_steps < 0:
+    raise UserError(f"config.optim.warmup_steps = {c.warmup_steps} must be >= 0")
+  if decay_steps - cooldown < 1:
+    after = f" + config.optim.cooldown_steps ({cooldown})" if cooldown else ""
+    raise UserError(f"config.train.total_steps ({total_steps} optimizer updates) must exceed "
+                    f"config.optim.warmup_steps ({c.warmup_steps}){after}: no step would be "
+                    "left for the decay; raise the one or lower the other")
   lr, end = c.lr, c.lr * c.end_lr_factor
   if c.schedule == "cosine":
     decay = optax.schedules.cosine_decay_schedule(lr, decay_steps, alpha=c.end_lr_factor)

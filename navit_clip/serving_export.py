@@ -23,14 +23,16 @@ Files in the export directory:
   export.json    the batch shape, input names, dtypes and shapes, the embedding width, the
       platforms, the tokenizer and the resolution policy images are resized by
 An existing non-empty export directory is refused unless `overwrite=True`, which replaces
-these files (and only these) in it.
+these files (and only these) in it. The directory may be a URL (s3://, gs://:
+navit_clip.storage); the SavedModel is then written to a local temporary folder and
+uploaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from navit_clip import storage
 from navit_clip.data.batch import BatchSpec
 from navit_clip.errors import UserError
 from navit_clip.text.tokenizer import Tokenizer
@@ -53,24 +56,25 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def prepare_out_dir(out_dir: str, overwrite: bool = False) -> None:
-  """Creates `out_dir`, or clears a previous export from it when `overwrite`.
+  """Creates `out_dir` (local or a URL), or clears a previous export from it when
+  `overwrite`.
 
   Raises:
     UserError: `out_dir` is a file, or a non-empty directory and `overwrite` is False.
   """
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+  if storage.exists(out_dir) and not storage.isdir(out_dir):
     raise UserError(f"export directory {out_dir!r} is a file")
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
+  if storage.isdir(out_dir) and storage.listdir(out_dir):
     if not overwrite:
       raise UserError(f"export directory {out_dir!r} is not empty; choose another one or "
                       "pass --overwrite to replace the export in it")
     for name in EXPORT_FILES:
-      path = os.path.join(out_dir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
-  os.makedirs(out_dir, exist_ok=True)
+      path = storage.join(out_dir, name)
+      if storage.isdir(path):
+        storage.remove_tree(path)
+      elif storage.exists(path):
+        storage.remove(path)
+  storage.makedirs(out_dir)
 
 
 def image_input_specs(spec: BatchSpec) -> dict[str, jax.ShapeDtypeStruct]:
@@ -105,9 +109,8 @@ def export_jax(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str,
       jax.ShapeDtypeStruct((n, text_len), jnp.int32))
   paths = []
   for name, exported in ((IMAGE_FILE, images), (TEXT_FILE, texts)):
-    path = os.path.join(out_dir, name)
-    with open(path, "wb") as f:
-      f.write(exported.serialize())
+    path = storage.join(out_dir, name)
+    storage.write_atomic(path, bytes(exported.serialize()))
     paths.append(path)
   return paths
 
@@ -121,7 +124,7 @@ def load_jax_export(path: str) -> Callable:
 
 def _copy_tokenizer(tokenizer: Tokenizer, out_dir: str) -> dict:
   """Copies the tokenizer's model into `out_dir`; its entry of export.json."""
-  shutil.copyfile(tokenizer.path, os.path.join(out_dir, TOKENIZER_FILE))
+  storage.copy(tokenizer.path, storage.join(out_dir, TOKENIZER_FILE))
   return {"file": TOKENIZER_FILE, "max_len": tokenizer.max_len,
           "lowercase": tokenizer.lowercase, "pad_id": tokenizer.pad_id,
           "eos_id": tokenizer.eos_id}
@@ -168,9 +171,14 @@ def export_tf(model: nnx.Module, spec: BatchSpec, text_len: int, text_batch: int
     return {"embeddings": tf_text(module.params, tokens)}
 
   module.embed_images, module.embed_texts = embed_images, embed_texts
-  path = os.path.join(out_dir, SAVED_MODEL_DIR)
-  tf.saved_model.save(module, path, signatures={"embed_images": embed_images,
-                                                "embed_texts": embed_texts})
+  path = storage.join(out_dir, SAVED_MODEL_DIR)
+  signatures = {"embed_images": embed_images, "embed_texts": embed_texts}
+  if storage.is_local(path):
+    tf.saved_model.save(module, path, signatures=signatures)
+    return path
+  with tempfile.TemporaryDirectory() as local:  # TF writes local paths (and gs:// only)
+    tf.saved_model.save(module, local, signatures=signatures)
+    storage.upload_dir(local, path)
   return path
 
 
@@ -210,6 +218,5 @@ def export_model(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str
                      "channels": spec.channels},
       "files": [os.path.basename(f) for f in files],
   }
-  with open(os.path.join(out_dir, MANIFEST_FILE), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2)
+  storage.write_atomic(storage.join(out_dir, MANIFEST_FILE), json.dumps(manifest, indent=2))
   return manifest

@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import time
 from typing import IO, BinaryIO
@@ -205,12 +206,34 @@ def copy(src: str, dst: str) -> None:
   write_atomic(dst, read_bytes(src))
 
 
+def put_file(local_path: str, path: str) -> None:
+  """Copies local file `local_path` to `path` without reading it into memory (an object
+  store upload in parts, or a local copy)."""
+  if is_local(path):
+    shutil.copyfile(local_path, path)
+    return
+  fs, p = _fs(path)
+  fs.put_file(local_path, p)
+
+
 def upload_dir(local_dir: str, remote_dir: str) -> None:
   """Copies the files of local folder `local_dir` (recursively) under `remote_dir`."""
   for root, _, names in os.walk(local_dir):
     for name in names:
       src = os.path.join(root, name)
-      copy(src, join(remote_dir, os.path.relpath(src, local_dir).replace(os.sep, "/")))
+      put_file(src, join(remote_dir, os.path.relpath(src, local_dir).replace(os.sep, "/")))
+
+
+def remove_tree(path: str) -> None:
+  """Deletes folder `path` and everything under it (on an object store: every object under
+  the prefix); a missing folder is no error."""
+  if is_local(path):
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    return
+  fs, p = _fs(path)
+  if fs.exists(p):
+    fs.rm(p, recursive=True)
 
 
 class AppendFile:

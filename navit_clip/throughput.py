@@ -4,7 +4,9 @@ A window counts this process's host batches (images, real and total tokens, rows
 seconds the loop waited for them; time spent evaluating inside the window is left out
 (`paused`). `report` turns the window into figures for the whole run: every process feeds
 the same share of each global batch, so this process's counts are scaled by global rows /
-this process's rows.
+this process's rows. Two counts run on across windows: the images and real tokens of every
+batch since the Throughput was made (the trainer makes one per `train` call, so a resumed
+run counts from its restart).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Throughput:
     data_wait_frac  share of the elapsed time spent waiting for batches
     step_time       seconds per step
     mfu             step_flops * steps / elapsed / peak_flops
+    images_seen     images since the Throughput was made, whole run (not reset by `start`)
+    tokens_seen     real patch tokens since then, whole run: the compute the run has spent
   """
 
   def __init__(self, global_rows: int, step_flops: float, peak_flops: float, *,
@@ -43,6 +47,7 @@ class Throughput:
     self._step_flops = step_flops
     self._peak_flops = peak_flops
     self._clock = clock
+    self._images_seen = self._tokens_seen = 0  # this process's, over every window
     self.start()
 
   def start(self) -> None:
@@ -64,6 +69,8 @@ class Throughput:
     self._rows += seg.shape[0]
     self._process_rows = seg.shape[0]  # this process's share of the global batch
     self._wait += wait
+    self._images_seen += int(batch["image_mask"].sum())
+    self._tokens_seen += int((seg > 0).sum())
 
   @contextlib.contextmanager
   def paused(self) -> Iterator[None]:
@@ -87,4 +94,6 @@ class Throughput:
         "data_wait_frac": self._wait / elapsed,
         "step_time": elapsed / n_steps,
         "mfu": self._step_flops * n_steps / elapsed / self._peak_flops,
+        "images_seen": self._images_seen * share,
+        "tokens_seen": self._tokens_seen * share,
     }

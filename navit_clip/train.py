@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from navit_clip import distributed, init_from, losses, nonfinite, optim, sharding, storage
 from navit_clip import flops as flops_lib
@@ -31,7 +32,6 @@ from navit_clip.data.batch import device_fields
 from navit_clip.data.counters import data_counters
 from navit_clip.data.preprocess import shrunk_share
 from navit_clip.errors import UserError, as_user_errors
-from navit_clip.errors import UserError
 from navit_clip.evaluate.runner import run_evals, scalar_metrics
 from navit_clip.metrics import MetricsLogger
 from navit_clip.model import build_model
@@ -262,8 +262,14 @@ def _initial_state(config, ckpt: Checkpointer, init_state: Callable, params: dic
 
 def _compile(step_fn, state: dict, config: ml_collections.ConfigDict, mesh):
   """`step_fn` compiled ahead of time for `state` and the device fields of the batch spec."""
-  spec = device_fields({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype)
-                        in pipeline.batch_spec(config).shapes().items()})
+  batch = pipeline.batch_spec(config)
+  log.info("compiling the train step for batches of %d rows x %d patch tokens (%s image "
+           "tower%s) on %d %s device(s); this can take minutes, then training starts",
+           batch.batch_size, batch.seq_len, config.model.image.variant,
+           f", {config.model.text.variant} text tower" if config.task == "contrastive" else "",
+           mesh.size, jax.devices()[0].platform)
+  spec = device_fields({k: jax.ShapeDtypeStruct(shape, dtype)
+                        for k, (shape, dtype) in batch.shapes().items()})
   with jax.set_mesh(mesh):
     return step_fn.lower(state, spec).compile()
 
@@ -275,10 +281,6 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   which the commands (navit_clip.cli, navit_clip.demo) run before they train.
   """
   check_config(config.train)
-  if not storage.is_local(workdir):  # Orbax 0.12's tensorstore specs take local paths or gs://
-    raise UserError(f"workdir {workdir!r}: training checkpoints need a local workdir (the "
-                    "checkpointer writes local folders); metrics, config.json and exports "
-                    "can go to URLs")
   distributed.initialize(config.distributed)
   tc = config.train
   ckpt = Checkpointer(storage.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
@@ -349,6 +351,15 @@ def _next_batch(data_iter: Iterator, throughput: Throughput) -> dict | None:
   return batch
 
 
+def _data_ended(ended_here: bool, config: ml_collections.ConfigDict) -> bool:
+  """Whether the run's data has ended: here, or with finite data (config.data.num_epochs)
+  on several processes, on any of them, so that all stop at the same step (a process whose
+  share ended first cannot feed its rows of the next global batch)."""
+  if config.data.num_epochs == 0 or jax.process_count() == 1:
+    return ended_here
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(ended_here))))
+
+
 def _log_early_end(result: TrainResult, config: ml_collections.ConfigDict,
                    directory: str) -> None:
   """Says why a run ended before config.train.total_steps, if it did."""
@@ -356,9 +367,10 @@ def _log_early_end(result: TrainResult, config: ml_collections.ConfigDict,
     log.warning("stopped by %s after step %d; saved to %s", result.stopped_by,
                 result.final_step, directory)
   elif result.data_ended:
-    log.warning("the training data ended after %d epoch(s) (config.data.num_epochs), at "
-                "step %d of %d; saved to %s", config.data.num_epochs, result.final_step,
-                config.train.total_steps, directory)
+    epochs = config.data.num_epochs
+    log.warning("ran %d epoch%s of the training data (config.data.num_epochs): it ended at "
+                "step %d of %d; saved to %s", epochs, "" if epochs == 1 else "s",
+                result.final_step, config.train.total_steps, directory)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -375,7 +387,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   try:
     while step < tc.total_steps:
       batch = _next_batch(run.data_iter, throughput)
-      if batch is None:
+      if _data_ended(batch is None, config):
         data_ended = True
         break
       state, metrics = run.step_fn(state, sharding.global_batch(device_fields(batch),

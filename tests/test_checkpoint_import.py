@@ -1,4 +1,5 @@
-"""Importing transformers SigLIP checkpoints: our towers give what transformers computes.
+"""Importing SigLIP checkpoints (transformers folders, big_vision .npz files): our towers
+give what transformers computes.
 
 The fixtures in tests/fixtures/siglip (written by make_fixtures.py there, with transformers)
 are tiny random SigLIP, SigLIP 2 and SigLIP 2 NaFlex models and transformers' outputs for
@@ -11,7 +12,9 @@ takes about half a minute on two cores.
 The commands on imported workdirs: `navit-clip import`, then `embed` (texts through the
 configured tokenizer, images from PNG files through the policy the import recorded) equal
 transformers; `eval --zeroshot` and `export` run on them; a run starts from one
-(config.init, LiT).
+(config.init, LiT). The same weights in big_vision's .npz layout (big_vision.npz in each
+fixture folder, written by make_big_vision_fixtures.py) import to the same towers and give
+transformers' outputs too.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
+from navit_clip import big_vision_siglip
 from navit_clip import config as config_lib
 from navit_clip.checkpoint_import import import_checkpoint
 from navit_clip.data.batch import BatchSpec
@@ -129,6 +134,14 @@ def _embed(model, batch):
   return emb, model.embed_images(batch)[0], mask
 
 
+def _packed_embeddings(model, name, budget_key, images, ref):
+  """(pooled, normalised) image embeddings [6 rows, 6 slots, D] of every image at every slot."""
+  batch = _every_image_at_every_slot(_examples(name, budget_key, images, ref), PATCH[name])
+  emb, zimg, mask = _embed(model, {k: jnp.asarray(v) for k, v in batch.items()})
+  assert bool(mask.all())
+  return np.asarray(emb), zimg
+
+
 @pytest.fixture(scope="module")
 def packed(imported, inputs):
   """(name, budget) -> (pooled, normalised) image embeddings [6 rows, 6 slots, D]."""
@@ -137,10 +150,7 @@ def packed(imported, inputs):
   for name in NAMES:
     model, _, ref = imported[name]
     for budget_key in BUDGETS[name]:
-      batch = _every_image_at_every_slot(_examples(name, budget_key, images, ref), PATCH[name])
-      emb, zimg, mask = _embed(model, {k: jnp.asarray(v) for k, v in batch.items()})
-      assert bool(mask.all())
-      out[name, budget_key] = np.asarray(emb), zimg
+      out[name, budget_key] = _packed_embeddings(model, name, budget_key, images, ref)
   return out
 
 
@@ -446,3 +456,123 @@ def test_a_model_id_without_huggingface_hub_says_what_to_install(tmp_path, monke
   monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # its import raises ImportError
   with pytest.raises(MissingInputError, match="install huggingface_hub"):
     import_checkpoint("google/siglip2-tiny", str(tmp_path / "work"))
+
+
+# --- big_vision .npz releases: the fixtures' weights in big_vision's layout. ---
+# make_big_vision_fixtures.py wrote each folder's big_vision.npz from its model.safetensors
+# (siglip/: one entry per block; siglip2/, siglip2_naflex/: scanned blocks).
+
+def _big_vision(name: str) -> Path:
+  return FIXTURES / name / "big_vision.npz"
+
+
+@pytest.fixture(scope="module")
+def imported_big_vision(tmp_path_factory):
+  """name -> (restored model, its config, reference outputs), imported from the .npz."""
+  out = {}
+  for name in NAMES:
+    workdir = tmp_path_factory.mktemp(f"big_vision_{name}")
+    import_checkpoint(str(_big_vision(name)), str(workdir))  # the tokenizer lies beside it
+    restored = restore_model(str(workdir))
+    out[name] = (restored.model, restored.config, dict(np.load(FIXTURES / name / "reference.npz")))
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_a_big_vision_npz_embeds_as_transformers_packed_at_every_slot(imported_big_vision,
+                                                                      inputs, name):
+  model, _, ref = imported_big_vision[name]
+  images, _ = inputs
+  ztxt = nnx.jit(lambda m, t: m.embed_texts(t))(model, ref["input_ids"])
+  np.testing.assert_allclose(np.asarray(ztxt), ref["text_embeds_normalized"], atol=TOL, rtol=0)
+  for budget_key in BUDGETS[name]:
+    emb, zimg = _packed_embeddings(model, name, budget_key, images, ref)
+    np.testing.assert_allclose(emb, _slot_reference(ref[f"{budget_key}/image_embeds"]),
+                               atol=TOL, rtol=0)
+    logits = (jnp.exp(model.logit_scale[...]) * jnp.einsum("rkd,td->rkt", zimg, ztxt)
+              + model.logit_bias[...])
+    np.testing.assert_allclose(np.asarray(logits),
+                               _slot_reference(ref[f"{budget_key}/logits_per_image"]),
+                               atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_a_big_vision_import_configures_what_the_transformers_one_does(imported_big_vision,
+                                                                       imported, name):
+  """Towers from the tensors' shapes; policy, and padding (EOS for SigLIP's T5 tokenizer,
+  <pad> for SigLIP 2's Gemma one), as the transformers release of the same weights."""
+  _, config, _ = imported_big_vision[name]
+  _, want, _ = imported[name]
+  assert config.model.to_dict() == want.model.to_dict()
+  assert config.inference_resolution == want.inference_resolution
+  assert config.data.seq_len == want.data.seq_len
+  assert config.data.tokenizer.pad_id == want.data.tokenizer.pad_id
+  assert config.data.tokenizer.lowercase
+
+
+def test_the_import_command_reads_a_big_vision_npz_with_a_given_tokenizer(tmp_path):
+  from navit_clip import cli
+  shutil.copy(_big_vision("siglip2_naflex"), tmp_path / "siglip2_b16_naflex.npz")
+  tokenizer = FIXTURES / "siglip2_naflex" / "tokenizer.model"
+  assert cli.main(["import", "--from", str(tmp_path / "siglip2_b16_naflex.npz"), "--tokenizer",
+                   str(tokenizer), "--workdir", str(tmp_path / "work")]) == 0
+  config = json.loads((tmp_path / "work" / "config.json").read_text())
+  assert config["inference_resolution"] == "naflex:64"
+  assert (tmp_path / "work" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+
+
+def _edited_npz(tmp_path: Path, name: str, edit) -> Path:
+  """A copy of `name`'s big_vision.npz with `edit(arrays)` applied, beside its tokenizer."""
+  src = _copy(name, tmp_path)
+  arrays = dict(np.load(src / "big_vision.npz"))
+  edit(arrays)
+  np.savez(src / "big_vision.npz", **arrays)
+  return src / "big_vision.npz"
+
+
+@pytest.mark.parametrize("name,edit,message", [
+    ("siglip", lambda a: a.pop("params/img/MAPHead_0/probe"),
+     "'params/img/MAPHead_0/probe' is missing"),
+    ("siglip", lambda a: a.update({"params/img/head/kernel": np.zeros((32, 8), np.float32)}),
+     "1 tensors that the model has no place for: params/img/head/kernel"),
+    ("siglip", lambda a: a.update({"params/b": np.zeros(2, np.float32)}),
+     "'params/b' has shape"),
+    ("siglip2", lambda a: a.update({"params/txt/Encoder_0/encoderblock/LayerNorm_1/bias":
+                                    np.zeros((2, 5), np.float32)}),
+     r"'params/txt/Encoder_0/encoderblock\[0\]/LayerNorm_1/bias' has shape \[5\]"),
+    ("siglip2", lambda a: a.update({"params/txt/head/kernel": np.zeros((24, 16), np.float32)}),
+     "projects to 16, not the image tower's width 32"),
+    ("siglip2_naflex", lambda a: a.update({"params/img/pos_embedding":
+                                           np.zeros((1, 64, 32), np.float32)}),
+     "neither a vit.py"),
+])
+def test_a_missing_extra_or_misshapen_big_vision_tensor_is_named(tmp_path, name, edit, message):
+  path = _edited_npz(tmp_path, name, edit)
+  with pytest.raises(UserError, match=message):
+    import_checkpoint(str(path), str(tmp_path / "work"))
+
+
+def test_a_npz_that_is_no_big_vision_checkpoint_or_lacks_a_tokenizer_is_named(tmp_path):
+  np.savez(tmp_path / "other.npz", weights=np.zeros(3, np.float32))
+  with pytest.raises(UserError, match="no big_vision two_towers image tower"):
+    import_checkpoint(str(tmp_path / "other.npz"), str(tmp_path / "work"))
+  shutil.copy(_big_vision("siglip"), tmp_path / "alone.npz")
+  with pytest.raises(UserError, match="has no tokenizer in it; give its SentencePiece model"):
+    import_checkpoint(str(tmp_path / "alone.npz"), str(tmp_path / "work"))
+  with pytest.raises(UserError, match="brings its own tokenizer"):
+    import_checkpoint(str(FIXTURES / "siglip"), str(tmp_path / "work"),
+                      tokenizer=str(FIXTURES / "siglip" / "spiece.model"))
+
+
+def test_bfloat16_big_vision_arrays_are_read_as_bfloat16(tmp_path):
+  """np.savez stores bfloat16 as 2-byte void; its values come back exactly, widened."""
+  halves = {k: v.astype(ml_dtypes.bfloat16) for k, v in np.load(_big_vision("siglip2")).items()}
+  np.savez(tmp_path / "bf16.npz", **halves)
+  ckpt = big_vision_siglip.load(str(tmp_path / "bf16.npz"))
+  params = big_vision_siglip.read_params(ckpt, big_vision_siglip.read_architecture(ckpt))
+  want = halves["params/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"][1]
+  got = params["image"]["encoder"]["blocks"][1]["mlp"]["fc1"]["kernel"]
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, want.astype(np.float32))

@@ -132,6 +132,15 @@ def test_tokenizer_on_a_binary_file_names_the_nul_byte(tmp_path):
     train_from_file(tmp_path / "missing.txt", 16, tmp_path / "x.model")
 
 
+def test_tokenizer_with_a_vocab_the_file_cannot_fill_is_one_line(tmp_path):
+  path = tmp_path / "captions.txt"
+  path.write_text("a red car\na blue sky\n")
+  line = _one_error_line(_run("tokenizer", "train", "--input", str(path), "--vocab-size",
+                              "5000", "--out", str(tmp_path / "x.model")))
+  assert str(path) in line and "vocab_size = 5000 is too large" in line
+  assert not (tmp_path / "x.model").exists()
+
+
 def test_tokenizer_command_trains_on_crlf_text_without_carriage_returns(tmp_path, capsys):
   import sentencepiece as spm
   from navit_clip.data.sources.demo import caption_corpus

@@ -140,6 +140,29 @@ def test_same_seed_same_batches_and_exact_resume(config, wds, source):
     _same(full[k:], list(resumed))
 
 
+@pytest.mark.slow
+def test_workers_send_groups_and_resume_exactly_inside_one(config):
+  """Random-access records reach the main process TRANSFER_GROUP at a time: the batches of
+  zero workers, and a resume from a state taken inside a group yields the unbroken rest."""
+  config.data.source, config.data.num_train_examples = "demo", 30
+  config.data.batch_size, config.data.num_epochs = 2, 1
+  config.data.packer, config.data.pack_bins = "first_fit", 1  # anchors move every batch
+  full = list(pipeline.make_train_dataset(config))
+  config.data.num_workers = 2
+  it = iter(pipeline.make_train_dataset(config))
+  states, batches = [], []
+  for _ in full:
+    states.append(it.get_state())
+    batches.append(next(it))
+  _same(full, batches)
+  inside = [k for k, s in enumerate(states) if s["anchor_key"] % pipeline.TRANSFER_GROUP]
+  assert inside  # some anchor lies inside a group
+  k = inside[len(inside) // 2]
+  resumed = iter(pipeline.make_train_dataset(config))
+  resumed.set_state(states[k])
+  _same(full[k:], list(resumed))
+
+
 def test_new_order_each_epoch(config, wds):
   config.data.num_epochs = 2
   config.data.shuffle_window = 6  # windows of a stream do not straddle its 18-record epochs

@@ -2,7 +2,10 @@
 
 import json
 
-from data_fixtures import encode, image_array, jpeg, tfrecord_files, webdataset_shards
+import pytest
+
+from data_fixtures import (encode, image_array, jpeg, tfrecord_files, webdataset_shards,
+                           write_tar)
 from navit_clip import cli
 from navit_clip.config import default_config
 from navit_clip.data.inspect import inspect_source
@@ -61,3 +64,59 @@ def test_convert_tfrecord_keeps_several_captions_and_labels(tmp_path):
   source = ArrayRecordSource([str(p) for p in out.glob("*.array_record")])
   r = source[1]
   assert len(r["caption"]) == 2 and r["label"] == 1 and r["example_id"] == 1
+
+
+# --- records whose fields are not where the config looks ----------------------------
+
+
+def _inspect_error(capsys, source: str, files: str, *overrides: str) -> str:
+  assert cli.main(["data", "inspect", "--source", source, "--files", files, *overrides]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  return err[0]
+
+
+def test_inspect_names_the_features_of_tfrecords_read_with_wrong_keys(tmp_path, capsys):
+  pattern = tfrecord_files(str(tmp_path), num_files=1, per_file=3, caption_key="texts")
+  err = _inspect_error(capsys, "tfrecord", pattern, "--config.data.example_keys.image=img")
+  assert "skipped/missing_image: 3" in err
+  assert ("they hold the features {'example_id': 'numbers', 'image/encoded': 'bytes', "
+          "'image/format': 'bytes', 'label': 'numbers', 'texts': 'bytes'} "
+          "(config.data.example_keys: image = 'img', caption = 'caption')") in err
+  assert cli.main(["data", "inspect", "--source", "tfrecord", "--files", pattern]) == 0
+  assert ("3 records without the configured image or caption hold the features "
+          "{'example_id'") in capsys.readouterr().out
+
+
+def test_inspect_names_the_tar_members_of_samples_without_an_image(tmp_path, capsys):
+  write_tar(str(tmp_path / "s.tar"), [("k0.image", jpeg()), ("k0.caption", b"a cat"),
+                                      ("k1.image", jpeg()), ("k1.caption", b"a dog")])
+  err = _inspect_error(capsys, "webdataset", str(tmp_path / "s.tar"))
+  assert "skipped/no_image: 2" in err
+  assert "they hold the tar members KEY.{caption,image} (images are read from KEY.{jpg," in err
+
+
+def test_the_training_error_names_the_features_the_records_hold(tiny_config, tmp_path):
+  from navit_clip.data.counters import BadSourceError
+  from navit_clip.data.pipeline import make_train_dataset
+
+  config = tiny_config()
+  config.data.source = "tfrecord"
+  config.data.train_files = tfrecord_files(str(tmp_path), num_files=2, per_file=4,
+                                           caption_key="alt_text")
+  config.data.bad_check_min_records = 4
+  with pytest.raises(BadSourceError, match=r"missing_caption: \d+\).*The unusable records "
+                     r"hold the features \{.*'alt_text': 'bytes'.*\} \(config.data."
+                     r"example_keys: image = 'image/encoded', caption = 'caption'\)"):
+    next(iter(make_train_dataset(config)))
+
+
+def test_arrayrecord_inspect_names_the_features_too(tmp_path, capsys):
+  pattern = tfrecord_files(str(tmp_path), num_files=1, per_file=2)
+  out = tmp_path / "ar"
+  assert cli.main(["data", "convert", "--source", "tfrecord", "--files", pattern, "--out",
+                   str(out)]) == 0
+  capsys.readouterr()
+  err = _inspect_error(capsys, "arrayrecord", str(out / "*.array_record"),
+                       "--config.data.example_keys.image=jpeg")
+  assert "'image/encoded': 'bytes'" in err and "image = 'jpeg'" in err

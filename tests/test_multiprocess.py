@@ -105,15 +105,39 @@ def test_two_processes_train_like_one(demo_tokenizer_path, tmp_path):
   assert multi0["losses"] == multi1["losses"]
 
 
+@pytest.mark.slow
+def test_finite_data_ends_two_processes_at_the_same_step(demo_tokenizer_path, tmp_path):
+  """Each process reads its own share of the records once, process 1's shorter (it counts
+  20 records where process 0 counts 41): its share ends first, and both processes stop at
+  that step, save, and exit 0 (without agreeing, process 0 would wait in the next step's
+  collectives for ever)."""
+  port = _free_port()
+  runs = [_start(tmp_path, demo_tokenizer_path, f"multi-{i}", 4, f"localhost:{port}", 2, i,
+                 1) for i in range(2)]
+  for (proc, _), name in zip(runs, ("multi-0", "multi-1")):
+    try:
+      code = proc.wait(timeout=300)
+    finally:
+      proc.kill()
+    assert code == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+  results = [json.loads(out.read_text()) for _, out in runs]
+  assert results[0]["final_step"] == results[1]["final_step"] < 1000
+  assert all(r["data_ended"] for r in results)
+
+
 def _child_main(tokenizer, workdir, out, devices, coordinator="", num_processes=0,
-                process_id=-1):
+                process_id=-1, num_epochs=0):
   jax.config.update("jax_num_cpu_devices", int(devices))
   from conftest import tiny_demo_config
   from navit_clip.train import train
 
-  config = tiny_demo_config(tokenizer, steps=STEPS)
+  epochs = int(num_epochs)
+  config = tiny_demo_config(tokenizer, steps=1000 if epochs else STEPS)
   config.data.batch_size = 8
-  config.data.shard_by_process = False
+  config.data.shard_by_process = bool(epochs)
+  config.data.num_epochs = epochs
+  if epochs:
+    config.data.num_train_examples = 41 if int(process_id) == 0 else 20
   config.train.log_every = 1
   config.mesh = MESH
   config.sharding.fsdp_min_size = 0
@@ -124,7 +148,8 @@ def _child_main(tokenizer, workdir, out, devices, coordinator="", num_processes=
   result = train(config, workdir)
   with open(out, "w", encoding="utf-8") as f:
     json.dump({"losses": result.losses, "devices": jax.device_count(),
-               "processes": jax.process_count()}, f)
+               "processes": jax.process_count(), "final_step": result.final_step,
+               "data_ended": result.data_ended}, f)
 
 
 if __name__ == "__main__":

@@ -111,10 +111,14 @@ def test_skip_mode_stops_after_too_many_non_finite_steps_in_a_row(tiny_config, t
   config.train.checkpoint_every = 1
   config.train.keep_checkpoints = 30
   with pytest.raises(FloatingPointError, match=r"5 non-finite steps in a row, up to step \d+ "
-                     r"\(config.train.max_consecutive_nonfinite = 5\)"):
+                     r"\(config.train.max_consecutive_nonfinite = 5\)") as stopped:
     train(config, str(tmp_path))
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
   assert saved and saved[-1] < 20
+  last_step = int(re.search(r"up to step (\d+)", str(stopped.value))[1])
+  assert saved[-1] == last_step - 1  # checked before each save: the 5th skip is not saved
+  assert (f"Last good checkpoint: step {saved[-1]} in {tmp_path}/checkpoints"
+          in str(stopped.value))
   for step in saved:  # what was saved holds only finite values
     state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state")
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"])), step

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from navit_clip.data.patchify import patchify, resize
+from navit_clip.data.token_drop import drop_tokens, kept_tokens
 
 
 @given(gh=st.integers(1, 5), gw=st.integers(1, 5), p=st.integers(1, 4), c=st.integers(1, 4),
@@ -19,6 +20,32 @@ def test_patches_are_row_major_tiles(gh, gw, p, c, seed):
     assert (r, col) == divmod(i, gw)
     tile = image[r * p:(r + 1) * p, col * p:(col + 1) * p]
     np.testing.assert_array_equal(patches[i], tile.reshape(-1))
+
+
+def test_patchify_takes_strided_views():
+  """Flipped, cropped and channel-sliced views patchify like their contiguous copies."""
+  image = np.random.default_rng(0).integers(0, 256, (20, 28, 4), np.uint8)
+  for view in (image[::-1, :, :3], image[2:18, 4:28, :3], image[:, ::-1], image[..., 1:2]):
+    got = patchify(view, 4)
+    for field, expected in zip(got, patchify(np.ascontiguousarray(view), 4)):
+      np.testing.assert_array_equal(field, expected)
+    assert got[0].flags.c_contiguous
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.9])
+def test_patchify_copies_only_the_kept_patches(rate):
+  """keep = kept_tokens(...) gives drop_tokens' result on the whole grid, same draws."""
+  image = np.random.default_rng(1).integers(0, 256, (24, 36, 3), np.uint8)
+  patches, positions, grid_hw = patchify(image, 4)
+  want = drop_tokens(np.random.default_rng(5), patches, positions, rate)
+  keep = kept_tokens(np.random.default_rng(5), len(patches), rate)
+  got = patchify(image, 4, keep)
+  np.testing.assert_array_equal(keep, want[2])
+  for field, expected in zip(got, (*want[:2], grid_hw)):
+    np.testing.assert_array_equal(field, expected)
+  for bad in (np.array([54]), np.array([-1, 3]), np.array([], np.int64)):
+    with pytest.raises(ValueError, match="keep must index 1..54"):
+      patchify(image, 4, bad)
 
 
 @pytest.mark.parametrize("bad, match", [

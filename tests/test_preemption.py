@@ -59,7 +59,7 @@ def _run_until(tokenizer, workdir, step: int, sig: int) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, __file__, tokenizer, str(workdir)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.monotonic() + 120
+  deadline = time.monotonic() + 300  # a loaded machine compiles slowly; a hang fails
   while _last_logged_step(workdir) < step:
     if proc.poll() is not None or time.monotonic() > deadline:
       proc.kill()
@@ -76,6 +76,10 @@ def _resume_and_compare(tokenizer, workdir, unbroken, context: str) -> None:
   assert resumed.losses == unbroken.losses[start:], f"{context}, resumed at {start}"
   for got, want in zip(_params(resumed), _params(unbroken)):
     np.testing.assert_array_equal(got, want, err_msg=f"{context}, resumed at {start}")
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]  # the rows logged after `start` went first
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), context
+  assert [r["loss"] for r in rows] == unbroken.losses, context
 
 
 def test_the_guard_records_sigint_and_restores_the_handler():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from navit_clip.config import default_config
-from navit_clip.data.resolution_sampling import (ResolutionSampler, fit_patch_budget,
-                                                 naflex_size, size_for_side, truncnorm_side,
-                                                 uniform_side)
+from navit_clip.data.resolution_sampling import (ResolutionSampler, check_config,
+                                                 fit_patch_budget, naflex_size, size_for_side,
+                                                 truncnorm_side, uniform_side)
 
 P = 16
 sizes = st.integers(1, 30_000)
@@ -142,3 +142,20 @@ def test_naflex_size_rounds_up_and_fits_the_budget(hw, patch, budget, want):
   got = naflex_size(*hw, patch, budget)
   assert got == want
   assert (got[0] // patch) * (got[1] // patch) <= budget
+
+
+def test_square_squashes_every_image_to_one_side_and_fits_the_sequence():
+  sampler = ResolutionSampler("square", P, 64, square_side=100)  # rounds to 6 x 6 patches
+  rng = np.random.default_rng(0)
+  for hw in [(1, 1), (20, 1), (375, 500), (100_000, 7)]:
+    assert sampler.sample(rng, *hw) == (96, 96, False)
+  assert ResolutionSampler("square", P, 64, square_side=4).sample(rng, 30, 90) == (P, P, False)
+  shrunk = ResolutionSampler("square", P, 30, square_side=224)  # 14 x 14 > 30: 5 x 5
+  assert shrunk.sample(rng, 480, 640) == (80, 80, True)
+  assert shrunk.shrink_share() == 1.0
+  cfg = default_config().data.resolution
+  cfg.kind, cfg.square_side = "square", 48
+  assert ResolutionSampler.from_config(cfg, 8, 36).sample(rng, 64, 192) == (48, 48, False)
+  cfg.square_side = 0
+  with pytest.raises(ValueError, match="config.data.resolution.square_side"):
+    check_config(cfg)

@@ -1,5 +1,6 @@
-"""navit_clip.storage against real servers on localhost: moto's S3 server, an HTTP server,
-and pipe: commands; plus the tokenizer copy into the workdir."""
+"""navit_clip.storage against real servers on localhost: moto's S3 server, the
+gcp-storage-emulator GCS server, an HTTP server, and pipe: commands; plus the tokenizer copy
+into the workdir, and embeddings and exports written to an object store."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import socket
 import tarfile
 import threading
 
@@ -51,6 +53,30 @@ def s3(monkeypatch_module):
   boto3.client("s3").create_bucket(Bucket="bkt")
   yield "s3://bkt"
   server.stop()
+
+
+@pytest.fixture(scope="module")
+def gs(monkeypatch_module):
+  """gcp-storage-emulator on a free localhost port with bucket "bkt"; yields "gs://bkt".
+
+  gcsfs's experimental bucket-layout lookup (gRPC, which the emulator does not serve)
+  is turned off: it would wait a minute per bucket before falling back to JSON calls."""
+  emulator = pytest.importorskip("gcp_storage_emulator.server")
+  monkeypatch_module.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  gcsfs_core = pytest.importorskip("gcsfs.core")
+  import fsspec
+
+  previous = fsspec.get_filesystem_class("gs")
+  fsspec.register_implementation("gs", gcsfs_core.GCSFileSystem, clobber=True)
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bkt")
+  server.start()
+  monkeypatch_module.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+  yield "gs://bkt"
+  server.stop()
+  fsspec.register_implementation("gs", previous, clobber=True)
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +217,35 @@ def test_tokenizer_from_s3_and_copied_into_the_workdir(s3, tmp_path):
       Tokenizer(f"{s3}/tok/t.model", 8).encode(["a red dot"]).tolist())
 
 
-def test_remote_training_workdir_is_refused_with_one_line(s3):
-  from navit_clip.config_defaults import default_config
-  from navit_clip.errors import UserError
+@pytest.mark.slow
+def test_s3_training_workdir_saves_prunes_and_resumes_past_a_half_uploaded_step(
+    s3, tiny_config, tmp_path, monkeypatch):
+  from navit_clip.checkpoint_mirror import staging_dir
   from navit_clip.train import train
 
-  with pytest.raises(UserError, match="training checkpoints need a local workdir"):
-    train(default_config(), f"{s3}/runs/train")
-  assert not storage.exists(f"{s3}/runs/train/config.json")
+  config = tiny_config(steps=8)
+  config.train.log_every, config.train.checkpoint_every = 1, 2
+  config.train.keep_checkpoints = 3
+  local = train(config, str(tmp_path / "local"))  # the unbroken run
+  run, checkpoints = f"{s3}/runs/train", f"{s3}/runs/train/checkpoints"
+  monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache_a"))
+  assert train(config, run).losses == local.losses
+  assert storage.listdir(checkpoints) == ["4", "6", "8"]  # keep_checkpoints, remotely too
+  assert all(storage.isfile(f"{checkpoints}/8/{name}") for name in
+             ("commit_success.txt", "_CHECKPOINT_METADATA", "state/manifest.ocdbt"))
+  storage.remove_tree(f"{checkpoints}/8")  # as if the run stopped while uploading step 6:
+  storage.remove(f"{checkpoints}/6/commit_success.txt")  # its marker goes up last
+  monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache_b"))  # another machine
+  staging = staging_dir(checkpoints)
+  assert not os.path.exists(staging)
+  resumed = train(config, run)  # downloads step 4 (6 is skipped), resumes there
+  assert resumed.losses == local.losses[4:]
+  assert sorted(os.listdir(staging)) == ["4", "6", "8"] and not os.path.exists("s3:")
+  assert all(storage.isfile(f"{checkpoints}/{s}/commit_success.txt") for s in (4, 6, 8))
+  rows = [json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").splitlines()]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == list(range(1, 9))  # each step once
+  assert [r["loss"] for r in train_rows] == local.losses
 
 
 def test_arrayrecord_refuses_urls(s3):
@@ -206,3 +253,139 @@ def test_arrayrecord_refuses_urls(s3):
 
   with pytest.raises(ValueError, match="opens local files only"):
     ArrayRecordSource([f"{s3}/x.array_record"])
+
+
+def test_gs_shards_and_files(gs):
+  for i in range(2):
+    storage.write_atomic(f"{gs}/wds/shard-{i:03d}.tar", _shard([f"g{i}"]))
+  assert expand_paths(f"{gs}/wds/shard-{{000..000}}.tar,{gs}/wds/*1.tar") == [
+      f"{gs}/wds/shard-000.tar", f"{gs}/wds/shard-001.tar"]
+  assert _captions(f"{gs}/wds/shard-001.tar") == [b"caption g1"]
+  assert storage.isfile(f"{gs}/wds/shard-000.tar") and storage.isdir(f"{gs}/wds")
+  assert storage.listdir(f"{gs}/wds") == ["shard-000.tar", "shard-001.tar"]
+  assert read_regular(f"{gs}/wds/shard-000.tar", 1 << 20) == _shard(["g0"])
+
+
+def test_gs_metrics_workdir(gs):
+  from navit_clip.metrics import MetricsLogger
+
+  run = f"{gs}/runs/metrics"
+  for step in (1, 2):
+    logger = MetricsLogger(run, 10, stream=io.StringIO())
+    logger.log(step, {"loss": 1.0 / step})
+    logger.close()
+  rows = [json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert len(storage.glob(f"{run}/tensorboard/events.out.tfevents.*")) == 2
+  assert not os.path.exists("gs:")
+
+
+# --- folders, embeddings and exports on an object store -----------------------------
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "siglip")
+
+
+@pytest.fixture(scope="module")
+def imported_workdir(tmp_path_factory) -> str:
+  """A workdir imported from the tiny SigLIP fixture (no training needed)."""
+  from navit_clip import cli
+
+  workdir = str(tmp_path_factory.mktemp("imported") / "work")
+  assert cli.main(["import", "--from", os.path.join(FIXTURES, "siglip"), "--workdir",
+                   workdir]) == 0
+  return workdir
+
+
+def _png(seed: int, size=(20, 28)) -> bytes:
+  import numpy as np
+  from PIL import Image
+
+  out = io.BytesIO()
+  Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), np.uint8)).save(
+      out, format="PNG")
+  return out.getvalue()
+
+
+def test_caption_and_class_folders_on_s3(s3):
+  from navit_clip.config import default_config
+  from navit_clip.data import pipeline
+
+  for i in range(2):
+    storage.write_atomic(f"{s3}/folder/img/{i}.png", _png(i))
+    storage.write_atomic(f"{s3}/classes/{'cat' if i else 'dog'}/{i}.png", _png(i))
+  storage.write_atomic(f"{s3}/folder/meta/train.tsv", "filepath\ttitle\nimg/0.png\ta dot\n"
+                       f"{s3}/folder/img/1.png\ta cross\n../secret.png\tx\n")
+  config = default_config()
+  config.data.csv_separator, config.data.image_root = "\\t", f"{s3}/folder"
+  source = pipeline.make_source(config, "train", "folder", f"{s3}/folder/meta/train.tsv")
+  records = [source[i] for i in range(len(source))]
+  assert [r.get("caption", r.get(SKIP_KEY)) for r in records] == ["a dot", "a cross",
+                                                                  "unsafe_path"]
+  assert records[1]["image"] == _png(1)
+  classes = pipeline.make_source(config, "train", "class_folders", f"{s3}/classes")
+  assert classes.classnames == ("cat", "dog")
+  assert [classes[i]["label"] for i in range(2)] == [0, 1]
+
+
+def test_run_chunks_on_s3_resumes_and_leaves_no_parts(s3):
+  import numpy as np
+
+  from navit_clip.embedding_writer import run_chunks
+
+  calls = []
+
+  def compute(start, stop):
+    calls.append(start)
+    if start == 4 and len(calls) == 3:
+      raise KeyboardInterrupt  # the run is stopped in its third chunk
+    rows = np.arange(start, stop, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    return rows, [{"index": i} for i in range(start, stop)], []
+
+  out = f"{s3}/emb/resumed"
+  with pytest.raises(KeyboardInterrupt):
+    run_chunks(5, compute, out, chunk=2)
+  assert storage.exists(f"{out}.parts/{0:012d}.npy")
+  summary = run_chunks(5, compute, out, chunk=2)
+  assert calls == [0, 2, 4, 4] and summary["rows"] == 5
+  emb = np.load(io.BytesIO(storage.read_bytes(f"{out}.npy")))
+  assert emb[:, 0].tolist() == [0, 1, 2, 3, 4]
+  assert not storage.exists(f"{out}.parts")
+
+
+@pytest.mark.slow
+def test_embed_and_export_to_s3(s3, imported_workdir, tmp_path):
+  import jax
+  import numpy as np
+
+  from navit_clip import cli
+  from navit_clip.text.tokenizer import Tokenizer
+
+  storage.write_atomic(f"{s3}/in/texts.txt", "a red dot\na blue cross\n")
+  assert cli.main(["embed", "--workdir", imported_workdir, "--texts", f"{s3}/in/texts.txt",
+                   "--out", f"{s3}/emb/texts", "--no-progress"]) == 0
+  texts = np.load(io.BytesIO(storage.read_bytes(f"{s3}/emb/texts.npy")))
+  assert texts.shape[0] == 2 and [json.loads(x)["text"] for x in storage.read_bytes(
+      f"{s3}/emb/texts.jsonl").splitlines()] == ["a red dot", "a blue cross"]
+  for i in range(3):
+    (tmp_path / f"{i}.png").write_bytes(_png(i))
+  assert cli.main(["embed", "--workdir", imported_workdir, "--images", str(tmp_path),
+                   "--out", f"{s3}/emb/images", "--chunk", "2", "--no-progress"]) == 0
+  assert np.load(io.BytesIO(storage.read_bytes(f"{s3}/emb/images.npy"))).shape[0] == 3
+  assert not storage.exists(f"{s3}/emb/images.parts")
+
+  out = f"{s3}/exports/siglip"
+  export = ["export", "--workdir", imported_workdir, "--out", out, "--platforms", "cpu"]
+  assert cli.main(export) == 0
+  assert storage.listdir(out) == ["export.json", "image_encoder.jax_export",
+                                  "text_encoder.jax_export", "tokenizer.model"]
+  assert cli.main(export) == 2  # not empty: refused
+  assert cli.main(export + ["--overwrite", "--tf"]) == 0  # the SavedModel goes up too
+  assert storage.isfile(f"{out}/saved_model/saved_model.pb")
+  encoder = jax.export.deserialize(
+      bytearray(storage.read_bytes(f"{out}/text_encoder.jax_export")))
+  manifest = json.loads(storage.read_bytes(f"{out}/export.json"))
+  tok = manifest["tokenizer"]
+  tokens = Tokenizer(f"{out}/tokenizer.model", tok["max_len"], lowercase=tok["lowercase"],
+                     pad_id=tok["pad_id"]).encode(["a red dot", "a blue cross"])
+  np.testing.assert_allclose(np.asarray(encoder.call(tokens)), texts, atol=1e-5)
+  assert not os.path.exists("s3:")

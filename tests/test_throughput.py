@@ -6,7 +6,7 @@ import pytest
 from navit_clip.throughput import Throughput
 
 KEYS = ["images_per_s", "tokens_per_s", "padding", "images_per_row", "data_wait_frac",
-        "step_time", "mfu"]
+        "step_time", "mfu", "images_seen", "tokens_seen"]
 
 
 class _Clock:
@@ -45,7 +45,7 @@ def test_report_gives_run_wide_rates_over_the_window_without_evaluation():
   assert report == pytest.approx({
       "images_per_s": 8 * 4 / 4.0, "tokens_per_s": 32 * 4 / 4.0, "padding": 0.2,
       "images_per_row": 2.0, "data_wait_frac": 0.5 / 4.0, "step_time": 2.0,
-      "mfu": 1e9 * 2 / 4.0 / 1e12})
+      "mfu": 1e9 * 2 / 4.0 / 1e12, "images_seen": 8 * 4, "tokens_seen": 32 * 4})
 
 
 def test_start_opens_an_empty_window():
@@ -60,3 +60,5 @@ def test_start_opens_an_empty_window():
   report = window.report()
   assert report["images_per_s"] == 2.0 and report["step_time"] == 1.0
   assert report["padding"] == 0.5 and report["data_wait_frac"] == 0.0
+  # The counts since the start run on across windows: 8 + 2 images, 20 + 10 real tokens.
+  assert report["images_seen"] == 10.0 and report["tokens_seen"] == 30.0

@@ -45,6 +45,17 @@ def test_encode_pads_after_eos(model_path):
   assert t.decode(out) == ["a cat", "", "the big red dog sits on a mat"]
 
 
+def test_encode_gives_sentencepiece_ids(model_path):
+  """Captions encoded one at a time hold the ids of SentencePiece's own list call."""
+  texts = captions(20, seed=3) + ["", "a"]
+  sp = spm.SentencePieceProcessor(model_file=str(model_path))
+  out = tok.Tokenizer(model_path, max_len=6).encode(texts)
+  for row, ids in zip(out, sp.EncodeAsIds(texts)):
+    want = ids[:5] + [1]
+    np.testing.assert_array_equal(row[:len(want)], want)
+    assert (row[len(want):] == 0).all()
+
+
 def test_pad_id_chooses_the_padding_after_eos(model_path):
   """SigLIP's layout: the caption, EOS, then EOS again to the end (sticky EOS)."""
   plain = tok.Tokenizer(model_path, max_len=12).encode(["a cat", "the big red dog"])

@@ -86,14 +86,20 @@ class Tokenizer:
     return max(self._sp.pad_id(), 0) if self._pad_id is None else self._pad_id
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
-    """Captions -> int32 [N, T]: pieces, EOS, pad; truncated to T - 1 pieces + EOS."""
+    """Captions -> int32 [N, T]: pieces, EOS, pad; truncated to T - 1 pieces + EOS.
+
+    Each caption is encoded on its own: SentencePiece's list call starts a thread pool per
+    call, which costs far more than the encoding of a caption or two (the per-example case).
+    """
     if isinstance(texts, str):
       raise TypeError("Tokenizer.encode takes a list of captions, got one string; wrap it "
                       "in a list")
     texts = [t.lower() for t in texts] if self.lowercase else list(texts)
     out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
-    for row, ids in zip(out, self._sp.EncodeAsIds(texts)):
-      ids = ids[:self.max_len - 1] + [self.eos_id]
+    eos, keep = self.eos_id, self.max_len - 1
+    for row, text in zip(out, texts):
+      ids = self._sp.EncodeAsIds(text)[:keep]
+      ids.append(eos)
       row[:len(ids)] = ids
     return out
 
@@ -179,8 +185,9 @@ def train_from_file(input_path: str | os.PathLike, vocab_size: int,
 
   Raises:
     MissingInputError: `input_path` does not exist.
-    UserError: `input_path` is not UTF-8 text (names the byte offset), or as
-      `train_tokenizer`.
+    UserError: `input_path` is not UTF-8 text (names the byte offset), or what
+      `train_tokenizer` raises as ValueError (no captions, a vocab_size the file cannot
+      fill), naming the file.
   """
   input_path = os.fspath(input_path)
   if not storage.isfile(input_path):
@@ -188,10 +195,12 @@ def train_from_file(input_path: str | os.PathLike, vocab_size: int,
   reader = _CaptionFileLines(input_path)
   try:
     train_tokenizer(reader, vocab_size, out, lowercase=lowercase)
-  except ValueError:
+  except ValueError as e:
     if reader.error is not None:  # SentencePiece reports it only as a failed training
       raise reader.error from None
-    raise
+    if isinstance(e, UserError):
+      raise
+    raise UserError(f"{input_path}: {e}") from e
 
 
 class _CaptionFileLines:

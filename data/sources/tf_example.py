@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from navit_clip.data.counters import skip_marker
+from navit_clip.data.counters import HELD_KEY, skip_marker
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -207,12 +207,22 @@ class ExampleKeys:
   image_format: str = "image/format"
 
 
+def held_features(features: Mapping[str, list], keys: ExampleKeys) -> str:
+  """What an Example lacking the image or caption feature of `keys` holds, for messages."""
+  kinds = {name: ("bytes" if values and isinstance(values[0], bytes) else "numbers")
+           for name, values in sorted(features.items())}
+  return (f"the features {kinds} (config.data.example_keys: image = {keys.image!r}, "
+          f"caption = {keys.caption!r})")
+
+
 def example_to_record(data: bytes, keys: ExampleKeys) -> dict[str, Any]:
   """Parses a serialized Example; a malformed one becomes a "bad_example" skip marker.
 
   The record has "image" (bytes) if the image feature is present, "caption" (bytes, or a
   list of bytes when there are several), "example_id" (int) if present, "image_format"
-  (str) if declared, and every numeric feature (int / float, or a list of them).
+  (str) if declared, and every numeric feature (int / float, or a list of them). A record
+  without the image feature, or without the caption feature when `keys` names one, says
+  under HELD_KEY which features the Example has (`held_features`).
   """
   try:
     features = parse_example(data)
@@ -234,4 +244,6 @@ def example_to_record(data: bytes, keys: ExampleKeys) -> dict[str, Any]:
   fmt = features.get(keys.image_format) if keys.image_format else None
   if fmt and isinstance(fmt[0], bytes):
     record["image_format"] = fmt[0].decode("ascii", errors="replace")
+  if "image" not in record or (keys.caption and "caption" not in record):
+    record[HELD_KEY] = held_features(features, keys)
   return record

@@ -29,7 +29,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from navit_clip.data.counters import skip_marker
+from navit_clip.data.counters import HELD_KEY, skip_marker
 from navit_clip.data.sources.paths import open_regular
 from navit_clip.data.sources.stream import FAILED_FILE_END, file_failure
 from navit_clip.storage import stream_size
@@ -85,11 +85,19 @@ def refusal(member: tarfile.TarInfo, max_member_bytes: int) -> str | None:
   return None
 
 
+def held_members(files: dict[str, bytes]) -> str:
+  """What a sample without an image or caption member holds, for messages."""
+  return (f"the tar members KEY.{{{','.join(sorted(files))}}} (images are read from "
+          f"KEY.{{{','.join(IMAGE_EXTENSIONS)}}}, captions from KEY.txt or the "
+          f"{'/'.join(_JSON_CAPTION_KEYS)} of KEY.json)")
+
+
 def sample_to_record(files: dict[str, bytes]) -> dict[str, Any]:
-  """{extension: bytes} of one sample -> a record, or a "no_image" skip marker."""
+  """{extension: bytes} of one sample -> a record, or a "no_image" skip marker; a marker
+  or record without a caption says under HELD_KEY which members it had."""
   ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
   if ext is None:
-    return skip_marker("no_image", -1)
+    return skip_marker("no_image", -1, held_members(files))
   record: dict[str, Any] = {"image": files[ext], "image_format": ext}
   if "txt" in files:
     record["caption"] = files["txt"]
@@ -107,6 +115,8 @@ def sample_to_record(files: dict[str, bytes]) -> dict[str, Any]:
       record["label"] = int(files["cls"].strip())
     except ValueError:
       pass
+  if "caption" not in record:
+    record[HELD_KEY] = held_members(files)
   return record
 
 

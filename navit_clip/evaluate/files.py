@@ -2,8 +2,10 @@
 
 Records are {"image": encoded bytes, "image_format": the file extension, "example_id": i,
 "path": str} (plus "label" when labels are given); decoding happens later, in the
-Preprocessor, which turns bad bytes into skip markers. A file that cannot be read becomes
-a skip marker here ("unreadable"), so nothing is ever dropped silently.
+Preprocessor, which turns bad bytes into skip markers. A file that cannot be read, or is
+not a regular file (a FIFO, a socket, a device: never opened, so never waited on), becomes
+a skip marker here ("unreadable"), and so does one larger than `max_file_bytes`
+("oversized_file"): nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 from collections.abc import Sequence
 
 from navit_clip.data.counters import skip_marker
+from navit_clip.data.sources.folder import DEFAULT_MAX_FILE_BYTES
+from navit_clip.data.sources.paths import FileTooLarge, read_regular
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -59,13 +63,16 @@ class ImageFiles:
   Args:
     paths: image files, in the order that sets their example ids 0..N-1.
     labels: optional int class per file, stored as the record's "label".
+    max_file_bytes: larger files are skipped unread ("oversized_file").
   """
 
-  def __init__(self, paths: Sequence[str], labels: Sequence[int] | None = None):
+  def __init__(self, paths: Sequence[str], labels: Sequence[int] | None = None,
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
     if labels is not None and len(labels) != len(paths):
       raise ValueError(f"ImageFiles got {len(paths)} paths but {len(labels)} labels")
     self.paths = list(paths)
     self.labels = None if labels is None else [int(x) for x in labels]
+    self.max_file_bytes = max_file_bytes
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -74,9 +81,10 @@ class ImageFiles:
     index = int(index)
     path = self.paths[index]
     try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError:
+      data = read_regular(path, self.max_file_bytes)
+    except FileTooLarge:
+      return skip_marker("oversized_file", index)
+    except OSError:  # NotARegularFile among them
       return skip_marker("unreadable", index)
     record = {"image": data, "image_format": os.path.splitext(path)[1].lstrip("."),
               "example_id": index, "path": path}

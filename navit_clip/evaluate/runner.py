@@ -23,12 +23,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import grain
 import ml_collections
 from flax import nnx
 
 from navit_clip.data.pipeline import decode_limits, make_tokenizer
+from navit_clip.data.progress import Progress
 from navit_clip.errors import UserError
 from navit_clip.evaluate import (classification, fewshot, prompts, resolution_sweep, retrieval,
                                  zeroshot)
@@ -127,16 +129,34 @@ def labelled_batches(config: ml_collections.ConfigDict, e: ml_collections.Config
                      data: EvalData, policy: ResolutionPolicy, num_classes: int | None,
                      skipped: list[Skipped], multi_label: bool = False):
   """Packed batches of `data` under `policy` with the evaluator's batch shape; with
-  `num_classes`, "labels" from its label field (multi-hot [B, M, K] if `multi_label`)."""
+  `num_classes`, "labels" from its label field (multi-hot [B, M, K] if `multi_label`).
+  The records read, rate and ETA are logged every few seconds (navit_clip.data.progress)."""
   spec = inference_spec(config, policy, batch_size=e.batch_size, seq_len=e.seq_len,
                         max_images=e.max_images, num_classes=num_classes)
   spec = dataclasses.replace(spec, multi_label=multi_label)
   sampler = policy.sampler(spec.patch_size, spec.seq_len, config.data.resolution.max_upscale)
-  return inference_batches(data.source, spec, sampler,
-                           label_field=data.label_field if num_classes else None,
-                           stop=e.max_examples or None, num_workers=e.num_workers,
-                           limits=decode_limits(config), resample=policy.resample,
-                           draft=policy.draft, skipped=skipped)
+  bar = Progress(f"eval {data.name} at {policy}", _records_total(data.source, e.max_examples))
+  batches = inference_batches(data.source, spec, sampler,
+                              label_field=data.label_field if num_classes else None,
+                              stop=e.max_examples or None, num_workers=e.num_workers,
+                              limits=decode_limits(config), resample=policy.resample,
+                              draft=policy.draft, skipped=skipped,
+                              on_records=lambda n: bar.update(n, skipped=len(skipped)))
+  return _closing(batches, bar, skipped)
+
+
+def _records_total(source, max_examples: int) -> int | None:
+  """The records an evaluation pass reads: None for a stream read to its end."""
+  if isinstance(source, grain.IterDataset):
+    return max_examples or None
+  return min(len(source), max_examples) if max_examples else len(source)
+
+
+def _closing(batches: Iterator[dict], bar: Progress, skipped: list[Skipped]) -> Iterator[dict]:
+  """`batches`, then the progress's final line."""
+  yield from batches
+  bar.update(bar.done, skipped=len(skipped))
+  bar.close()
 
 
 def _skip_report(skipped: list[Skipped], name: str) -> dict:
