@@ -46,9 +46,9 @@ import argparse
 import glob
 import io
 import os
-import statistics
 import tempfile
 import time
+from statistics import median
 
 import numpy as np
 from PIL import Image
@@ -113,10 +113,6 @@ def interleaved(fns: dict, items: list, seconds: float, per_round: int = 50
     for name in fns:
       rates[name].append(per_round / max(spent[name], 1e-9))
   return rates
-
-
-def median(values: list[float]) -> float:
-  return statistics.median(values)
 
 
 def ratio(a: list[float], b: list[float]) -> float:

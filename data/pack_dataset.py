@@ -142,6 +142,11 @@ class _UngroupIterator(grain.DatasetIterator):
     return {"group": copy.deepcopy(self._group_state), "taken": self._taken}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or set(state) != {"group", "taken"}:
+      held = sorted(state) if isinstance(state, dict) else type(state).__name__
+      raise ValueError("the data iterator state is not that of workers sending "
+                       f"{TRANSFER_GROUP} examples at a time (it holds {held}); resume "
+                       "with the pipeline and config.data.num_workers that saved it")
     self._parent.set_state(state["group"])
     self._examples, self._taken = [], 0
     if state["taken"]:

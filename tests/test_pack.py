@@ -200,3 +200,6 @@ def test_ungrouped_transfers_pack_and_resume_like_examples(stop, group, seed):
     for a, b in zip(got, want):
       for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  foreign = {**state, "parent": state["parent"]["group"]}  # a state without the groups
+  with pytest.raises(ValueError, match="not that of workers sending"):
+    iter(ds).set_state(foreign)
