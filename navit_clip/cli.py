@@ -85,7 +85,7 @@ def _add_demo(sub) -> None:
 def _add_study(sub) -> None:
   p = _command(
       sub, "study", commands.run_study,
-      "measure the NaViT claims in miniature on built-in data (about 40 minutes)",
+      "measure the NaViT claims in miniature on built-in data (under an hour on 2 cores)",
       "Trains tiny SigLIP towers (configs/study.py) on built-in shapes whose class depends "
       "on their own aspect ratio, at equal compute (the same real patch tokens): NaViT "
       "against a square-resize ViT, three position embeddings at sides in and out of the "
@@ -95,7 +95,7 @@ def _add_study(sub) -> None:
   p.add_argument("--workdir", default="runs/study",
                  help="where the runs, the tables and the plots go (default: %(default)s)")
   p.add_argument("--quick", action="store_true",
-                 help="a couple of minutes: tiny budgets, one seed, a few resolutions")
+                 help="minutes: tiny budgets, one seed, a few resolutions (checks the machinery)")
 
 
 def _add_train(sub) -> None:

@@ -171,6 +171,7 @@ def plot_curves(results: dict, variants: Sequence[str], path: str, title: str) -
       ax.axhline(100 * study_shapes.SQUASHED_BEST_PROPORTION, color="C1", ls="--",
                  label="best after a squash")
     ax.set_xlabel("real patch tokens seen")
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
     ax.set_ylabel(f"zero-shot {name} (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
