@@ -66,9 +66,9 @@ def test_sizes_and_aspect_ratios_in_range(train):
   ws = np.array([r["image"].shape[1] for r in train])
   assert hs.min() >= 24 and ws.min() >= 24 and hs.max() <= 256 and ws.max() <= 256
   ratio = ws / hs
-  assert ratio.min() >= 1 / 4 and ratio.max() <= 4
+  assert ratio.min() >= 1 / 2.5 and ratio.max() <= 2.5  # the default max_aspect
   # The ranges are used, not just respected.
-  assert ratio.min() < 1 / 3 and ratio.max() > 3
+  assert ratio.min() < 1 / 2 and ratio.max() > 2
   assert min(hs.min(), ws.min()) < 40 and max(hs.max(), ws.max()) > 200
 
   small = ds.DemoSource("train", num_examples=60, min_side=16, max_side=64, max_aspect=2)
@@ -85,8 +85,10 @@ def test_labels_match_caption_and_pixels(train, held_out):
     assert ds.LABEL_NAMES[r["label"]] == f"{ds.COLORS[color]} {ds.SHAPES[shape]}"
     words = _words(r["caption"])
     assert [w for w in words if w in ds.SHAPES] == [ds.SHAPES[shape]], r["caption"]
-    assert ds.COLORS[color] in words, r["caption"]
-    assert set(words) & set(ds.COLORS) <= {ds.COLORS[color], ds.COLORS[bg]}, r["caption"]
+    # Every colour word is the shape's; the background is "dark" (black) or "light" (white).
+    assert set(words) & set(ds.COLORS) == {ds.COLORS[color]}, r["caption"]
+    assert set(words) & {"dark", "light"} <= {{"black": "dark", "white": "light"}[
+        ds.COLORS[bg]]}, r["caption"]
     # A corner shows the background; the shape's colour covers some pixels.
     img = r["image"].astype(np.int32)
     rgb = np.array(ds.COLOR_RGB)
@@ -95,16 +97,54 @@ def test_labels_match_caption_and_pixels(train, held_out):
     assert (nearest == color).sum() >= 16
 
 
-def test_every_class_occurs(train):
+def test_every_class_occurs_on_black_and_white(train):
   assert {r["shape"] for r in train} == set(range(len(ds.SHAPES)))
   assert {r["color"] for r in train} == set(range(len(ds.COLORS)))
-  assert {r["background"] for r in train} == set(range(len(ds.COLORS)))
+  assert {ds.COLORS[r["background"]] for r in train} == {"white", "black"}
+  for color in range(len(ds.COLORS)):  # each colour but white and black on both
+    backgrounds = {ds.COLORS[r["background"]] for r in train if r["color"] == color}
+    assert backgrounds == {"white", "black"} - {ds.COLORS[color]}, ds.COLORS[color]
+
+
+def test_shape_is_outlined_against_its_background(train):
+  """Just inside the silhouette's edge lies the outline: black on white, white on black."""
+  rgb = np.array(ds.COLOR_RGB)
+  for r in train[:60]:
+    nearest = np.abs(r["image"].astype(np.int32)[..., None, :] - rgb).sum(-1).argmin(-1)
+    is_bg = nearest == r["background"]
+    inside = ~is_bg
+    # Pixels inside the silhouette with a background pixel beside them: its edge.
+    edge = inside & (np.roll(is_bg, 1, 0) | np.roll(is_bg, -1, 0) | np.roll(is_bg, 1, 1)
+                     | np.roll(is_bg, -1, 1))
+    outline = {"white": "black", "black": "white"}[ds.COLORS[r["background"]]]
+    assert edge.sum() > 0
+    assert (nearest[edge] == ds.COLORS.index(outline)).mean() > 0.9, r["caption"]
+
+
+def test_shapes_are_upright():
+  """A triangle's apex is at the top, a square's sides follow the image's axes."""
+  source = ds.DemoSource("train", num_examples=N)
+  for i in range(N):
+    r = source[i]
+    name = ds.SHAPES[r["shape"]]
+    if name not in ("triangle", "square"):
+      continue
+    inside = np.abs(r["image"].astype(np.int32)
+                    - np.array(ds.COLOR_RGB[r["background"]])).sum(-1) > 100
+    rows = np.flatnonzero(inside.any(1))
+    widths = inside[rows].sum(1)
+    if name == "triangle":  # narrow at the top, wide at the bottom
+      assert widths[:2].mean() < widths[-2:].mean() / 3, r["caption"]
+    else:  # the same width from top to bottom
+      assert widths.min() >= widths.max() - 2, r["caption"]
 
 
 def test_captions_vary_and_corpus_matches_source(train):
   captions = [r["caption"] for r in train]
   assert len(set(captions)) > N // 2
   assert any(w in _words(c) for c in captions for w in ("wide", "tall"))
+  assert any("dark" in _words(c) for c in captions)
+  assert any("light" in _words(c) for c in captions)
   assert list(ds.caption_corpus(N)) == captions
   with pytest.raises(ValueError, match="caption_corpus n"):
     ds.caption_corpus(0)
@@ -124,6 +164,9 @@ def test_zero_shot_prompts_are_in_the_caption_vocabulary():
         assert not re.search(r"\ba [aeiou]", prompt), prompt
     for template in task.templates:
       assert template.count("{}") == 1, (name, template)
+  # Shape prompts name each colour once, as the captions name a shape with its colour.
+  assert sorted(_words(" ".join(tasks["shape"].templates))) == sorted(
+      ["a"] * 7 + ["an"] + list(ds.COLORS))
 
 
 def test_grain_source_protocol():
