@@ -4,9 +4,9 @@ A window counts this process's host batches (images, real and total tokens, rows
 seconds the loop waited for them; time spent evaluating inside the window is left out
 (`paused`). `report` turns the window into figures for the whole run: every process feeds
 the same share of each global batch, so this process's counts are scaled by global rows /
-this process's rows. Two counts run on across windows: the images and real tokens of every
-batch since the Throughput was made (the trainer makes one per `train` call, so a resumed
-run counts from its restart).
+this process's rows. Two counts run on across windows and across resumes: the images and
+real tokens of the whole run (`seen()` is saved with each checkpoint and given back as
+`seen=` when the run resumes), the compute a run has spent.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ class Throughput:
     data_wait_frac  share of the elapsed time spent waiting for batches
     step_time       seconds per step
     mfu             step_flops * steps / elapsed / peak_flops
-    images_seen     images since the Throughput was made, whole run (not reset by `start`)
-    tokens_seen     real patch tokens since then, whole run: the compute the run has spent
+    images_seen     images of the whole run, all processes (not reset by `start`)
+    tokens_seen     real patch tokens of the whole run: the compute the run has spent
   """
 
   def __init__(self, global_rows: int, step_flops: float, peak_flops: float, *,
+               seen: Mapping[str, float] | None = None,
                clock: Callable[[], float] = time.perf_counter):
     """A window that starts now.
 
@@ -41,13 +42,17 @@ class Throughput:
       global_rows: rows of a global batch (config.data.batch_size).
       step_flops: FLOPs of one compiled step on one process's devices.
       peak_flops: the devices' peak FLOP/s.
+      seen: the `seen()` counts a resumed run was saved with; None or {} for a new run.
       clock: seconds, monotonic (time.perf_counter; a fake one in tests).
     """
     self._global_rows = global_rows
     self._step_flops = step_flops
     self._peak_flops = peak_flops
     self._clock = clock
-    self._images_seen = self._tokens_seen = 0  # this process's, over every window
+    seen = seen or {}
+    # Whole-run counts, all processes: this process's scaled by its share of each batch.
+    self._images_seen = float(seen.get("images_seen", 0.0))
+    self._tokens_seen = float(seen.get("tokens_seen", 0.0))
     self.start()
 
   def start(self) -> None:
@@ -69,8 +74,13 @@ class Throughput:
     self._rows += seg.shape[0]
     self._process_rows = seg.shape[0]  # this process's share of the global batch
     self._wait += wait
-    self._images_seen += int(batch["image_mask"].sum())
-    self._tokens_seen += int((seg > 0).sum())
+    share = self._global_rows / seg.shape[0]
+    self._images_seen += int(batch["image_mask"].sum()) * share
+    self._tokens_seen += int((seg > 0).sum()) * share
+
+  def seen(self) -> dict[str, float]:
+    """The whole run's images_seen and tokens_seen, to save with a checkpoint."""
+    return {"images_seen": self._images_seen, "tokens_seen": self._tokens_seen}
 
   @contextlib.contextmanager
   def paused(self) -> Iterator[None]:
@@ -94,6 +104,5 @@ class Throughput:
         "data_wait_frac": self._wait / elapsed,
         "step_time": elapsed / n_steps,
         "mfu": self._step_flops * n_steps / elapsed / self._peak_flops,
-        "images_seen": self._images_seen * share,
-        "tokens_seen": self._tokens_seen * share,
+        **self.seen(),
     }

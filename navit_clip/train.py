@@ -90,7 +90,7 @@ class _Run:
   start_step: int
   graphdef: nnx.GraphDef
   rest: nnx.State  # the model's non-parameter state
-  run_metadata: dict  # saved with the restored checkpoint (the non-finite counts); {} if new
+  run_metadata: dict  # saved with the restored checkpoint (non-finite and seen counts); {} if new
 
   def model(self, params: dict) -> nnx.Module:
     """The model with parameters `params` (a state's "params")."""
@@ -381,8 +381,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                          tensorboard=tc.tensorboard, resume_step=step)
   monitor = nonfinite.NonfiniteMonitor(  # per-step losses, NaN / Inf; counts survive resumes
       tc.nonfinite, run.ckpt, tc.max_consecutive_nonfinite, counts=run.run_metadata)
-  throughput = Throughput(rows, run.step_flops,
-                          tc.peak_flops or flops_lib.measure_matmul_peak())
+  throughput = Throughput(rows, run.step_flops,  # images and tokens seen survive resumes
+                          tc.peak_flops or flops_lib.measure_matmul_peak(),
+                          seen=run.run_metadata)
   guard = PreemptionGuard().install()  # SIGTERM / SIGINT: save and stop after this step
   try:
     while step < tc.total_steps:
@@ -396,7 +397,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       monitor.record(step, metrics)
       if step % tc.checkpoint_every == 0:
         monitor.check()  # a state from after a non-finite step is never saved in "stop" mode
-        run.ckpt.save(step, state, run.data_iter, run_metadata=monitor.counts())
+        run.ckpt.save(step, state, run.data_iter,
+                      run_metadata=monitor.counts() | throughput.seen())
       if config.evals and jax.process_count() == 1:
         with throughput.paused():  # evaluation time is not training time
           _evaluate(run.model(state["params"]), config, step, workdir, logger)
@@ -408,7 +410,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                               or step % tc.checkpoint_every == 0):
         break
     monitor.check()
-    run.ckpt.save_and_wait(step, state, run.data_iter, run_metadata=monitor.counts())
+    run.ckpt.save_and_wait(step, state, run.data_iter,
+                           run_metadata=monitor.counts() | throughput.seen())
   finally:
     run.ckpt.close()
     run.data_iter.close()  # its Grain workers end now, not at exit

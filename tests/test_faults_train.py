@@ -218,6 +218,8 @@ def test_sigterm_to_the_process_group_saves_exits_0_and_resumes_exactly(
   rows = _rows(workdir)  # both attempts: each step once, the unbroken run's losses
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   assert [r["loss"] for r in rows] == unbroken.losses
+  for count in ("images_seen", "tokens_seen"):  # counted from the start, not the restart
+    assert [r[count] for r in rows] == [r[count] for r in _rows(unbroken.workdir)]
 
 
 @linux_only

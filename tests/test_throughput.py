@@ -62,3 +62,18 @@ def test_start_opens_an_empty_window():
   assert report["padding"] == 0.5 and report["data_wait_frac"] == 0.0
   # The counts since the start run on across windows: 8 + 2 images, 20 + 10 real tokens.
   assert report["images_seen"] == 10.0 and report["tokens_seen"] == 30.0
+
+
+def test_seen_counts_carry_on_from_the_ones_a_resumed_run_was_saved_with():
+  clock = _Clock()
+  first = Throughput(global_rows=4, step_flops=1.0, peak_flops=1.0, clock=clock)
+  first.add(_batch(2, images_per_row=3, real_per_row=6), wait=0.0)  # 2 of 4 rows: x2
+  saved = first.seen()
+  assert saved == {"images_seen": 12.0, "tokens_seen": 24.0}
+  resumed = Throughput(global_rows=4, step_flops=1.0, peak_flops=1.0, seen=saved,
+                       clock=clock)
+  resumed.add(_batch(2, images_per_row=1, real_per_row=5), wait=0.0)
+  clock.now += 1.0
+  report = resumed.report()
+  assert (report["images_seen"], report["tokens_seen"]) == (12.0 + 4.0, 24.0 + 20.0)
+  assert report["images_per_s"] == 4.0  # the rates are the window's own
