@@ -10,7 +10,7 @@ ever holds a non-finite parameter.
 On the host (`NonfiniteMonitor`): the per-step loss and `nonfinite` flag stay on the device
 until a step where the host syncs anyway (a log step, and before every checkpoint save).
 There, config.train.nonfinite decides:
-  "stop": raise FloatingPointError naming the bad steps and the last checkpoint. Since
+  "stop": raise TrainingDiverged naming the bad steps and the last checkpoint. Since
           the check runs before every save, no checkpoint ever holds a state from after a
           non-finite step, so the latest checkpoint is the last good one;
   "skip": log a warning and go on; the bad steps' updates were never applied, and the
@@ -29,10 +29,19 @@ import jax
 import jax.numpy as jnp
 
 from navit_clip.choices import check_choice
+from navit_clip.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MODES = ("stop", "skip")  # the choices of config.train.nonfinite
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+  """The run stopped on non-finite losses or gradients (config.train.nonfinite).
+
+  An outcome of the run's settings or data, not a defect: the command line prints it as
+  one line (what happened, the last good checkpoint, what to change) and exits 2.
+  """
 
 
 def all_finite(tree) -> jax.Array:
@@ -106,12 +115,12 @@ class NonfiniteMonitor:
     self.skipped += len(bad)
     where = f"step {bad[0]}" if len(bad) == 1 else f"{len(bad)} steps in {bad[0]}..{bad[-1]}"
     if self.mode == "stop":
-      raise FloatingPointError(
+      raise TrainingDiverged(
           f"non-finite loss or gradients at {where} (loss {float(loss[steps.index(bad[0])])});"
           f" those updates were not applied. Last good checkpoint: {self._last_good()}. Set "
           f"config.train.nonfinite = 'skip' to skip such steps instead.")
     if self.consecutive >= self.max_consecutive:
-      raise FloatingPointError(
+      raise TrainingDiverged(
           f"{self.consecutive} non-finite steps in a row, up to step {steps[-1]} "
           f"(config.train.max_consecutive_nonfinite = {self.max_consecutive}): the run is "
           f"not training; none of those updates was applied. Last good checkpoint: "

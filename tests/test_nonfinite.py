@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from navit_clip import sharding
+from navit_clip import cli, sharding
 from navit_clip.model import TwoTower
 from navit_clip.nonfinite import NonfiniteMonitor, keep_if_finite
 from navit_clip.train import train
@@ -135,3 +135,23 @@ def test_the_count_of_skipped_steps_survives_a_resume(tiny_config, tmp_path, poi
   train(config, str(tmp_path))
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["nonfinite_steps"]) for r in rows] == [(4, 1.0), (6, 1.0)]
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_ends_the_command_in_one_line_with_exit_2(
+    demo_tokenizer_path, tmp_path, capsys):
+  tiny = {"model.image.variant": "mu/8", "model.text.variant": "mu",
+          "data.tokenizer.path": demo_tokenizer_path, "data.batch_size": 4,
+          "data.seq_len": 64, "data.max_images": 6, "data.resolution.max_side": 48,
+          "data.pack_window": 16, "train.total_steps": 8, "train.log_every": 2,
+          "train.checkpoint_every": 2, "train.peak_flops": 1e11, "train.tensorboard": False,
+          "optim.warmup_steps": 2,
+          "optim.lr": 1e30}  # t = exp(t') overflows after the first updates: the loss is NaN
+  argv = ["train", "--config", "demo", "--workdir", str(tmp_path / "run"),
+          *[f"--config.{k}={v}" for k, v in tiny.items()]]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  last = err.strip().splitlines()[-1]
+  assert re.fullmatch(r"navit-clip: error: non-finite loss or gradients at .*"
+                      r"Last good checkpoint: .*config\.train\.nonfinite = 'skip'.*", last), last
