@@ -15,7 +15,8 @@ pallas_gpu, splash) lowers for that platform only.
 
 Files in the export directory:
   image_encoder.jax_export, text_encoder.jax_export   `jax.export` serialisations (StableHLO
-      with the weights inlined as constants); load with `load_jax_export`
+      with the weights inlined as constants); load with `load_jax_export`, or the whole
+      export with `load_export`
   tokenizer.model  the SentencePiece model that makes the text encoder's tokens (with
       the tokenizer given): export.json's "tokenizer" says how (`load_tokenizer`)
   saved_model/   (with `tf=True`, needs the `tf` extra) signatures "embed_images" and
@@ -25,15 +26,16 @@ Files in the export directory:
 An existing non-empty export directory is refused unless `overwrite=True`, which replaces
 these files (and only these) in it. The directory may be a URL (s3://, gs://:
 navit_clip.storage); the SavedModel is then written to a local temporary folder and
-uploaded.
+uploaded. An export loads back from a local directory or a URL alike (`load_export`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,8 @@ from flax import nnx
 from navit_clip import storage
 from navit_clip.data.batch import BatchSpec
 from navit_clip.errors import UserError
+from navit_clip.evaluate.inference_batches import inference_batches
+from navit_clip.evaluate.inference_resolution import ResolutionPolicy
 from navit_clip.text.tokenizer import Tokenizer
 
 IMAGE_INPUTS = ("patches", "segment_ids", "positions", "grid_hw", "image_mask")
@@ -116,10 +120,9 @@ def export_jax(model: nnx.Module, spec: BatchSpec, text_len: int, out_dir: str,
 
 
 def load_jax_export(path: str) -> Callable:
-  """A serialised encoder as a callable: image batch dict or tokens -> embeddings."""
-  with open(path, "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-  return exported.call
+  """A serialised encoder (a local path or a URL) as a callable: image batch dict or tokens
+  -> embeddings."""
+  return jax.export.deserialize(bytearray(storage.read_bytes(path))).call
 
 
 def _copy_tokenizer(tokenizer: Tokenizer, out_dir: str) -> dict:
@@ -131,13 +134,94 @@ def _copy_tokenizer(tokenizer: Tokenizer, out_dir: str) -> dict:
 
 
 def load_tokenizer(export_dir: str) -> Tokenizer:
-  """The tokenizer that an export directory carries, set up as export.json says."""
-  with open(os.path.join(export_dir, MANIFEST_FILE), encoding="utf-8") as f:
-    entry = json.load(f).get("tokenizer")
+  """The tokenizer that an export directory (local or a URL) carries, set up as export.json
+  says."""
+  entry = _read_manifest(export_dir).get("tokenizer")
   if entry is None:
     raise UserError(f"export {export_dir!r} carries no tokenizer")
-  return Tokenizer(os.path.join(export_dir, entry["file"]), entry["max_len"],
+  return Tokenizer(storage.join(export_dir, entry["file"]), entry["max_len"],
                    lowercase=entry["lowercase"], pad_id=entry["pad_id"])
+
+
+def _read_manifest(export_dir: str) -> dict:
+  path = storage.join(export_dir, MANIFEST_FILE)
+  if not storage.exists(path):
+    raise UserError(f"{export_dir!r} is not an export directory: it has no {MANIFEST_FILE}")
+  return json.loads(storage.read_bytes(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedExport:
+  """An export directory loaded back for serving (see `load_export`).
+
+  Attributes:
+    manifest: export.json as a dict.
+    image_encoder: packed image batch dict (IMAGE_INPUTS) -> float32 [B, M, D].
+    text_encoder: tokens int32 [N, T] (any N) -> float32 [N, D].
+    tokenizer: the export's tokenizer, or None when it carries none.
+  """
+
+  manifest: dict
+  image_encoder: Callable
+  text_encoder: Callable
+  tokenizer: Tokenizer | None
+
+  @property
+  def spec(self) -> BatchSpec:
+    """The static shape of the image batches the image encoder takes."""
+    return BatchSpec(**self.manifest["batch_spec"])
+
+  def image_batches(self, source, *, resolution: str = "", max_upscale: float = 2.0,
+                    num_workers: int = 0) -> Iterator[dict]:
+    """Packed batches of `spec` from a random-access `source` of image records ({"image":
+    encoded bytes or uint8 [H, W, C], "example_id"}: e.g. navit_clip.evaluate.files.
+    ImageFiles), resized by `resolution` (default: the export's policy); each batch keys
+    its slots by "example_id" [B, M] where "image_mask" [B, M] is set."""
+    resolution = resolution or self.manifest.get("resolution")
+    if not resolution:
+      raise UserError("this export records no resolution policy: pass resolution=")
+    policy = ResolutionPolicy.parse(resolution)
+    spec = self.spec
+    return inference_batches(source, spec, policy.sampler(spec.patch_size, spec.seq_len,
+                                                          max_upscale),
+                             num_workers=num_workers, resample=policy.resample,
+                             draft=policy.draft)
+
+  def images(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Packed batch of `spec` -> L2-normalised float32 [B, M, D] (zero in empty slots)."""
+    return np.asarray(self.image_encoder({k: batch[k] for k in IMAGE_INPUTS}))
+
+  def texts(self, tokens: np.ndarray) -> np.ndarray:
+    """int32 [N, T] -> L2-normalised float32 [N, D]."""
+    return np.asarray(self.text_encoder(np.asarray(tokens, np.int32)))
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    """Strings, tokenized by the export's tokenizer -> float32 [N, D]."""
+    if self.tokenizer is None:
+      raise UserError("this export carries no tokenizer: embed tokens with `texts`")
+    return self.texts(self.tokenizer.encode(list(texts)))
+
+
+def load_export(export_dir: str) -> LoadedExport:
+  """Loads the StableHLO encoders, the tokenizer and export.json of `export_dir`, a local
+  directory or a URL (s3://, gs://: navit_clip.storage); the encoders run on
+  any platform they were exported for.
+
+    export = load_export("s3://bucket/exports/siglip")
+    text_emb = export.embed_texts(["a photo of a cat"])           # [N, D]
+    for batch in export.image_batches(ImageFiles(list_images("s3://bucket/imgs/"))):
+      emb = export.images(batch)[batch["image_mask"]]             # [images, D]
+      ids = batch["example_id"][batch["image_mask"]]              # their record indices
+
+  Raises:
+    UserError: `export_dir` holds no export.json.
+  """
+  manifest = _read_manifest(export_dir)
+  tokenizer = load_tokenizer(export_dir) if manifest.get("tokenizer") else None
+  return LoadedExport(manifest=manifest,
+                      image_encoder=load_jax_export(storage.join(export_dir, IMAGE_FILE)),
+                      text_encoder=load_jax_export(storage.join(export_dir, TEXT_FILE)),
+                      tokenizer=tokenizer)
 
 
 def export_tf(model: nnx.Module, spec: BatchSpec, text_len: int, text_batch: int,

@@ -109,17 +109,40 @@ def listdir(path: str) -> list[str]:
   return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
 
 
-def glob(pattern: str) -> list[str]:
-  """The paths matching `pattern` (* ? [..]), sorted, with the pattern's scheme."""
+def glob(pattern: str, *, files_only: bool = False) -> list[str]:
+  """The paths matching `pattern` (* ? [..]; ** on object stores), sorted, with the
+  pattern's scheme; only the files among them with `files_only`."""
   if is_local(pattern):
     import glob as glob_lib
 
-    return sorted(glob_lib.glob(pattern))
+    return sorted(p for p in glob_lib.glob(pattern) if not files_only or os.path.isfile(p))
   if scheme(pattern) in _STREAMED + ("pipe",):
     raise ValueError(f"{pattern!r}: {scheme(pattern)} paths cannot be globbed; list the "
                      "files or use braces ({00000..00099})")
   fs, p = _fs(pattern)
-  return sorted(fs.unstrip_protocol(m) for m in fs.glob(p))
+  matches = fs.glob(p, detail=True)
+  return sorted(fs.unstrip_protocol(m) for m, info in matches.items()
+                if not files_only or info.get("type") == "file")
+
+
+def walk_files(path: str) -> list[str]:
+  """The files under folder `path`, recursively, in os.walk order with names sorted (a
+  folder's files, then each subfolder's); URLs keep `path`'s scheme. Locally symlinked
+  folders are not entered."""
+  if is_local(path):
+    out = []
+    for root, dirnames, filenames in os.walk(path):
+      dirnames.sort()
+      out.extend(os.path.join(root, name) for name in sorted(filenames))
+    return out
+  fs, p = _fs(path)
+  root = p.rstrip("/")
+
+  def walk_order(found: str) -> tuple:
+    *folders, name = found[len(root):].strip("/").split("/")
+    return (*((1, f) for f in folders), (0, name))
+
+  return [join(path, m[len(root):]) for m in sorted(fs.find(root), key=walk_order)]
 
 
 def makedirs(path: str) -> None:

@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import re
 import socket
 import tarfile
 import threading
@@ -266,6 +267,16 @@ def test_gs_shards_and_files(gs):
   assert read_regular(f"{gs}/wds/shard-000.tar", 1 << 20) == _shard(["g0"])
 
 
+def test_image_folder_and_glob_on_gs(gs, tmp_path):
+  from navit_clip.evaluate.files import list_images
+
+  names = _image_tree(tmp_path / "imgs")
+  storage.upload_dir(str(tmp_path / "imgs"), f"{gs}/listed")
+  assert list_images(f"{gs}/listed/") == [f"{gs}/listed/{n}" for n in names]
+  assert list_images(f"{gs}/listed/sub/*.png") == [f"{gs}/listed/sub/0.png",
+                                                   f"{gs}/listed/sub/c.png"]
+
+
 def test_gs_metrics_workdir(gs):
   from navit_clip.metrics import MetricsLogger
 
@@ -354,11 +365,10 @@ def test_run_chunks_on_s3_resumes_and_leaves_no_parts(s3):
 
 @pytest.mark.slow
 def test_embed_and_export_to_s3(s3, imported_workdir, tmp_path):
-  import jax
   import numpy as np
 
   from navit_clip import cli
-  from navit_clip.text.tokenizer import Tokenizer
+  from navit_clip.serving_export import load_export
 
   storage.write_atomic(f"{s3}/in/texts.txt", "a red dot\na blue cross\n")
   assert cli.main(["embed", "--workdir", imported_workdir, "--texts", f"{s3}/in/texts.txt",
@@ -381,11 +391,99 @@ def test_embed_and_export_to_s3(s3, imported_workdir, tmp_path):
   assert cli.main(export) == 2  # not empty: refused
   assert cli.main(export + ["--overwrite", "--tf"]) == 0  # the SavedModel goes up too
   assert storage.isfile(f"{out}/saved_model/saved_model.pb")
-  encoder = jax.export.deserialize(
-      bytearray(storage.read_bytes(f"{out}/text_encoder.jax_export")))
-  manifest = json.loads(storage.read_bytes(f"{out}/export.json"))
-  tok = manifest["tokenizer"]
-  tokens = Tokenizer(f"{out}/tokenizer.model", tok["max_len"], lowercase=tok["lowercase"],
-                     pad_id=tok["pad_id"]).encode(["a red dot", "a blue cross"])
-  np.testing.assert_allclose(np.asarray(encoder.call(tokens)), texts, atol=1e-5)
+  served = load_export(out)
+  assert served.manifest["platforms"] == ["cpu"]
+  np.testing.assert_allclose(served.embed_texts(["a red dot", "a blue cross"]), texts,
+                             atol=1e-5)
   assert not os.path.exists("s3:")
+
+
+def _image_tree(root) -> list[str]:
+  """PNGs of three sizes in folder `root` and its subfolder, and a file that is no image;
+  the images' relative paths in the order a folder listing gives them."""
+  (root / "sub").mkdir(parents=True)
+  names = ["a.png", "b.png", "sub/c.png"]
+  for seed, name in enumerate(names):
+    (root / name).write_bytes(_png(seed, (16 + 8 * seed, 40 - 6 * seed)))
+  (root / "notes.md").write_text("not an image")
+  (root / "sub" / "0.png").write_bytes(b"not a png either")
+  return ["a.png", "b.png", "sub/0.png", "sub/c.png"]
+
+
+def test_image_folders_globs_and_lists_on_s3(s3, tmp_path):
+  from navit_clip.evaluate.files import ImageFiles, list_images
+
+  names = _image_tree(tmp_path / "imgs")
+  storage.upload_dir(str(tmp_path / "imgs"), f"{s3}/listed")
+  assert list_images(str(tmp_path / "imgs")) == [str(tmp_path / "imgs" / n) for n in names]
+  for spec in (f"{s3}/listed", f"{s3}/listed/"):  # recursive, a folder's files first
+    assert list_images(spec) == [f"{s3}/listed/{n}" for n in names]
+  assert list_images(f"{s3}/listed/*.png") == [f"{s3}/listed/a.png", f"{s3}/listed/b.png"]
+  assert list_images(f"{s3}/listed/{{b,sub/c}}.png") == [f"{s3}/listed/b.png",
+                                                          f"{s3}/listed/sub/c.png"]
+  assert list_images(f"{s3}/listed/sub/c.png") == [f"{s3}/listed/sub/c.png"]
+  storage.write_atomic(f"{s3}/listed/list.txt", f"sub/c.png\n\n{s3}/listed/a.png\n")
+  assert list_images(f"{s3}/listed/list.txt") == [f"{s3}/listed/sub/c.png",
+                                                  f"{s3}/listed/a.png"]
+  for spec in (f"{s3}/nothing/", f"{s3}/listed/*.jpg", f"{s3}/listed/{{x,y}}.png"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no images found for '{spec}'")):
+      list_images(spec)
+  records = ImageFiles([f"{s3}/listed/missing.png", f"{s3}/listed/b.png"],
+                       max_file_bytes=100)
+  assert [records[i].get(SKIP_KEY) for i in range(2)] == ["unreadable", "oversized_file"]
+
+
+def _embedded(workdir: str, spec: str, out: str):
+  """`embed --images spec --out out`: (embeddings, each row's path)."""
+  import numpy as np
+
+  from navit_clip import cli
+
+  assert cli.main(["embed", "--workdir", workdir, "--images", spec, "--out", out,
+                   "--no-progress"]) == 0
+  rows = [json.loads(x) for x in storage.read_bytes(f"{out}.jsonl").splitlines()]
+  return np.load(io.BytesIO(storage.read_bytes(f"{out}.npy"))), [r["path"] for r in rows]
+
+
+@pytest.mark.slow
+def test_embed_images_from_an_s3_folder_equal_the_local_folder(s3, imported_workdir,
+                                                                tmp_path):
+  import numpy as np
+
+  local = tmp_path / "imgs"
+  names = _image_tree(local)
+  storage.upload_dir(str(local), f"{s3}/embedded")
+  want, want_paths = _embedded(imported_workdir, str(local), str(tmp_path / "local"))
+  assert want.shape[0] == 3 and want_paths == [str(local / n) for n in names if n != "sub/0.png"]
+  got, paths = _embedded(imported_workdir, f"{s3}/embedded/", f"{s3}/emb/from_s3")
+  assert paths == [f"{s3}/embedded/{n}" for n in names if n != "sub/0.png"]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  skipped = [json.loads(x) for x in storage.read_bytes(f"{s3}/emb/from_s3.skipped.jsonl"
+                                                       ).splitlines()]
+  assert skipped == [{"index": 2, "path": f"{s3}/embedded/sub/0.png", "reason": "not_an_image"}]
+
+
+@pytest.mark.slow
+def test_an_export_on_s3_loads_back_and_embeds_as_the_local_one(s3, imported_workdir,
+                                                                 tmp_path):
+  import numpy as np
+
+  from navit_clip import cli
+  from navit_clip.evaluate.files import ImageFiles, list_images
+  from navit_clip.serving_export import load_export
+
+  for out in (str(tmp_path / "export"), f"{s3}/exports/loaded"):
+    assert cli.main(["export", "--workdir", imported_workdir, "--out", out,
+                     "--platforms", "cpu"]) == 0
+  local, remote = load_export(str(tmp_path / "export")), load_export(f"{s3}/exports/loaded")
+  assert remote.manifest == local.manifest and remote.spec == local.spec
+  texts = ["a red dot", "a blue cross", "two green squares"]
+  want = local.embed_texts(texts)
+  assert want.shape == (3, local.manifest["embedding_dim"])
+  np.testing.assert_allclose(remote.embed_texts(texts), want, atol=1e-6)
+  _image_tree(tmp_path / "imgs")
+  batch = next(local.image_batches(ImageFiles(list_images(str(tmp_path / "imgs")))))
+  want = local.images(batch)
+  assert want.shape[:2] == (local.spec.batch_size, local.spec.max_images)
+  assert np.abs(want[batch["image_mask"]]).sum() > 0
+  np.testing.assert_allclose(remote.images(batch), want, atol=1e-6)

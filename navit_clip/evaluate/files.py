@@ -1,4 +1,5 @@
-"""Image files as a random-access source: a list, a glob, or a directory of images.
+"""Image files as a random-access source: a list, a glob, or a directory of images, local or
+on an object store (s3://, gs://; http(s):// files named one by one: navit_clip.storage).
 
 Records are {"image": encoded bytes, "image_format": the file extension, "example_id": i,
 "path": str} (plus "label" when labels are given); decoding happens later, in the
@@ -14,43 +15,60 @@ import glob
 import os
 from collections.abc import Sequence
 
+from navit_clip import storage
 from navit_clip.data.counters import skip_marker
 from navit_clip.data.sources.folder import DEFAULT_MAX_FILE_BYTES
-from navit_clip.data.sources.paths import FileTooLarge, read_regular
+from navit_clip.data.sources.paths import FileTooLarge, expand_braces, read_regular
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_UNLISTED = ("http", "https", "pipe")  # no listing: files taken as written
 
 
 def _is_image(path: str) -> bool:
   return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(root: str) -> list[str]:
-  """Image files under `root`, recursively, in sorted path order."""
-  out = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
-  return out
+def _listed(list_file: str, base: str) -> list[str]:
+  """The paths of .txt file `list_file`, one a line; relative ones under folder `base`."""
+  with storage.open(list_file, "r") as f:
+    lines = [line.strip() for line in f if line.strip()]
+  return [line if not storage.is_local(line) else storage.join(base, line) for line in lines]
+
+
+def _list_local(spec: str) -> list[str]:
+  if os.path.isdir(spec):
+    return [p for p in storage.walk_files(spec) if _is_image(p)]
+  if spec.endswith(".txt") and os.path.isfile(spec):
+    return _listed(spec, os.path.dirname(os.path.abspath(spec)))
+  if os.path.isfile(spec):
+    return [spec]
+  return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+
+
+def _list_url(spec: str) -> list[str]:
+  if spec.endswith(".txt") and (storage.scheme(spec) in _UNLISTED or storage.isfile(spec)):
+    return _listed(spec, spec.rsplit("/", 1)[0])
+  if storage.scheme(spec) in _UNLISTED:
+    return expand_braces(spec)
+  if storage.isdir(spec):
+    return [p for p in storage.walk_files(spec) if _is_image(p)]
+  return [p for pattern in expand_braces(spec) for p in storage.glob(pattern, files_only=True)]
 
 
 def list_images(spec: str) -> list[str]:
   """Image paths named by `spec`, in a stable order.
 
-  `spec` is a directory (its image files, recursively, sorted), a glob pattern (sorted
-  matches), a .txt file with one path per line (in file order; relative paths are relative
-  to the file), or one image file.
+  `spec` is a directory (its image files, recursively, sorted: a folder's files, then each
+  subfolder's), a glob pattern (sorted matches), a .txt file with one path per line (in
+  file order; relative paths are relative to the file), or one image file. Each may be a
+  local path or an s3:// or gs:// URL (see navit_clip.storage), where globs also take
+  braces ({a,b}, {000..099}); http(s):// names a .txt list or files one by one (braces
+  expanded, nothing listed or checked: one that cannot be read is skipped when read).
+
+  Raises:
+    FileNotFoundError: `spec` names no image.
   """
-  if os.path.isdir(spec):
-    paths = _walk_images(spec)
-  elif spec.endswith(".txt") and os.path.isfile(spec):
-    base = os.path.dirname(os.path.abspath(spec))
-    with open(spec, encoding="utf-8") as f:
-      paths = [os.path.join(base, line.strip()) for line in f if line.strip()]
-  elif os.path.isfile(spec):
-    paths = [spec]
-  else:
-    paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+  paths = _list_local(spec) if storage.is_local(spec) else _list_url(spec)
   if not paths:
     raise FileNotFoundError(f"no images found for {spec!r} (a directory, glob, .txt list of "
                             "paths, or an image file)")
