@@ -4,6 +4,7 @@ and transformers' Siglip2 NaFlex vision model. Prints figures; not a test.
   .venv/bin/python bench/pretrained_embedding.py                   # ours, packed vs one a row
   .venv/bin/python bench/pretrained_embedding.py --reference-python /work/torchV/bin/python
   .venv/bin/python bench/pretrained_embedding.py --small           # mu/16, 64 images: smoke
+  ... --layouts "packed L=512 blocked,packed L=1024 blocked"       # these and the baseline
 
 One random B/16 NaFlex image tower in our format (learned 16 x 16 position table resized
 to each grid, MAP head; `transformers_siglip.configure`) embeds 500 ImageNet-like images
@@ -16,10 +17,12 @@ with the xla and the blocked attention backends (navit_clip.attention_blocked):
 Every layout gets the same 8192 tokens a call. With --reference-python (a Python with
 torch and transformers), a subprocess loads the same weights into transformers'
 Siglip2VisionModel (sdpa attention) and embeds the same patches, 32 images a call with
-its pixel_attention_mask; it is timed in turn with ours, so that load changes hit all.
-Model-only images/s (batches built beforehand, compile and a warm-up call excluded; the
-median of the rounds), the padding of each layout, and the largest difference of each
-layout's embeddings from xla's one a row (and transformers').
+its pixel_attention_mask. A round cuts every layout's calls (and transformers') into
+--parts slices and times slice k of each in turn before slice k + 1, so that a shared
+host's changing load hits all alike. Model-only images/s (batches built beforehand, compile and a warm-up call excluded; the
+median of the rounds), speed ratios paired by round (the median of the per-round time
+ratios), the padding of each layout, and the largest difference of each layout's
+embeddings from xla's one a row (and transformers').
 
 The xla backend scores every pair of a packed row (L x L) and masks the cross-image pairs
 away, so packing several images a row costs attention that one image a row does not (at
@@ -170,12 +173,6 @@ weights = {(k if prefixed else k.removeprefix("vision_model.")): torch.from_nump
            for k, v in np.load(f"{folder}/weights.npz").items()}
 model.load_state_dict(weights, strict=True)
 calls = [slice(s, s + rows) for s in range(0, len(pixels), rows)]
-
-@torch.no_grad()
-def embed():
-  return torch.cat([model(pixel_values=pixels[c], pixel_attention_mask=mask[c],
-                          spatial_shapes=shapes[c]).pooler_output for c in calls])
-
 with torch.no_grad():  # warm-up: one call
   model(pixel_values=pixels[calls[0]], pixel_attention_mask=mask[calls[0]],
         spatial_shapes=shapes[calls[0]])
@@ -183,18 +180,26 @@ print(json.dumps({"ready": True, "torch": torch.__version__,
                   "transformers": transformers.__version__,
                   "attention": model.config._attn_implementation,
                   "threads": torch.get_num_threads()}), flush=True)
-for line in sys.stdin:
+out = {}
+for line in sys.stdin:  # "A B": embed calls [A, B) and time them
+  a, b = map(int, line.split())
   start = time.perf_counter()
-  embeddings = embed()
+  with torch.no_grad():
+    for j in range(a, b):
+      c = calls[j]
+      out[j] = model(pixel_values=pixels[c], pixel_attention_mask=mask[c],
+                     spatial_shapes=shapes[c]).pooler_output
   seconds = time.perf_counter() - start
-  np.save(f"{folder}/embeddings.npy", embeddings.numpy())
+  if len(out) == len(calls):
+    np.save(f"{folder}/embeddings.npy", torch.cat([out[j] for j in range(len(calls))]).numpy())
   print(json.dumps({"seconds": seconds}), flush=True)
 '''
 
 
 class Reference:
   """transformers' Siglip2VisionModel in a subprocess of `python`, on the same weights and
-  patches; `seconds()` times one pass over all images."""
+  patches, 32 images a call; `seconds(part, parts)` times part `part` of `parts` of the
+  calls."""
 
   def __init__(self, python: str, folder: str, examples: list[dict], params: dict,
                image_config, budget: int):
@@ -213,6 +218,7 @@ class Reference:
     with open(os.path.join(folder, "meta.json"), "w") as f:
       json.dump({"config": config}, f)
     self.folder = folder
+    self.calls = -(-n // (TOKENS_PER_CALL // budget))
     self.proc = subprocess.Popen(
         [python, "-c", REFERENCE_SCRIPT, folder, str(TOKENS_PER_CALL // budget)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -227,8 +233,9 @@ class Reference:
   def embeddings(self) -> dict[int, np.ndarray]:
     return dict(enumerate(np.load(os.path.join(self.folder, "embeddings.npy"))))
 
-  def seconds(self) -> float:
-    self.proc.stdin.write("run\n")
+  def seconds(self, part: int, parts: int) -> float:
+    calls = part_of(list(range(self.calls)), part, parts)
+    self.proc.stdin.write(f"{calls[0]} {calls[-1] + 1}\n" if calls else "0 0\n")
     self.proc.stdin.flush()
     return self._reply()["seconds"]
 
@@ -237,41 +244,61 @@ class Reference:
     self.proc.wait()
 
 
+def part_of(items: list, part: int, parts: int) -> list:
+  """The `part`-th of `parts` contiguous, near-equal slices of `items`."""
+  return items[part * len(items) // parts:(part + 1) * len(items) // parts]
+
+
 def timed(embed, batches) -> tuple[float, dict]:
   start = time.perf_counter()
   out = embed(batches)
   return time.perf_counter() - start, out
 
 
-def report(n: int, rates: dict, pads: dict, diffs: dict) -> None:
-  base = rates[BASELINE]
-  print(f"{'layout':22s} {'padding':>8s} {'images/s':>9s} {'vs ' + BASELINE:>17s} "
-        f"{'max |diff|':>11s}")
-  for name, rate in rates.items():
-    print(f"{name:22s} {pads[name]:8.1%} {rate:9.2f} {rate / base:16.2f}x "
-          f"{diffs[name]:11.1e}")
-  if REFERENCE_NAME in rates:
-    ref = rates[REFERENCE_NAME]
-    print("vs transformers: " + ", ".join(f"{name} {rate / ref:.2f}x" for name, rate
-                                          in rates.items() if name != REFERENCE_NAME))
+def paired_ratio(times: dict, name: str, base: str) -> float:
+  """The median over rounds of base's time / name's time in the same round: a speed ratio
+  that load changing between rounds (a shared machine) moves less than a ratio of medians."""
+  return statistics.median(b / t for b, t in zip(times[base], times[name]))
 
 
-def measure(layouts: dict, embeds: dict, reference: Reference | None, repeats: int
-            ) -> tuple[dict, dict]:
-  """(seconds per round, embeddings) of every layout (and the reference), timed in turn."""
+def report(n: int, times: dict, pads: dict, diffs: dict) -> None:
+  """One line a layout: padding, images/s (n / the median round), speed vs the baseline and
+  vs transformers (paired by round), largest difference from the baseline's embeddings."""
+  ref = REFERENCE_NAME in times
+  print(f"{'layout':22s} {'padding':>8s} {'images/s':>9s} {'vs ' + BASELINE:>17s}"
+        + (f" {'vs ' + REFERENCE_NAME:>16s}" if ref else "") + f" {'max |diff|':>11s}")
+  for name, t in times.items():
+    print(f"{name:22s} {pads[name]:8.1%} {n / statistics.median(t):9.2f} "
+          f"{paired_ratio(times, name, BASELINE):16.2f}x"
+          + (f" {paired_ratio(times, name, REFERENCE_NAME):15.2f}x" if ref else "")
+          + f" {diffs[name]:11.1e}")
+
+
+def measure(layouts: dict, embeds: dict, reference: Reference | None, repeats: int,
+            parts: int) -> tuple[dict, dict]:
+  """(seconds per round, embeddings) of every layout (and the reference).
+
+  Each round cuts every layout's calls into `parts` slices and times slice k of every
+  layout, in a rotating order, before slice k + 1: the layouts share each stretch of the
+  host's load, so a load that changes over minutes moves them alike.
+  """
   for name, batches in layouts.items():  # compile and warm up: one call each
     embeds[name](batches[:1])
   names = [*layouts, *([REFERENCE_NAME] if reference else [])]
-  times, outputs = {name: [] for name in names}, {}
+  times, outputs = {name: [0.0] * repeats for name in names}, {name: {} for name in layouts}
   for r in range(repeats):
-    for name, batches in layouts.items():
-      seconds, outputs[name] = timed(embeds[name], batches)
-      times[name].append(seconds)
-      print(f"  round {r + 1}/{repeats}: {name} {seconds:.1f} s", file=sys.stderr, flush=True)
-    if reference:
-      times[REFERENCE_NAME].append(reference.seconds())
-      print(f"  round {r + 1}/{repeats}: {REFERENCE_NAME} {times[REFERENCE_NAME][-1]:.1f} s",
-            file=sys.stderr, flush=True)
+    for k in range(parts):
+      shift = (r * parts + k) % len(names)
+      for name in names[shift:] + names[:shift]:
+        if name == REFERENCE_NAME:
+          times[name][r] += reference.seconds(k, parts)
+          continue
+        seconds, out = timed(embeds[name], part_of(layouts[name], k, parts))
+        times[name][r] += seconds
+        outputs[name].update(out)
+    print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{name} {times[name][r]:.1f} s"
+                                                   for name in names),
+          file=sys.stderr, flush=True)
   if reference:
     outputs[REFERENCE_NAME] = reference.embeddings()
   return times, outputs
@@ -282,22 +309,33 @@ def main() -> None:
   p.add_argument("--small", action="store_true", help="mu/16 and 64 images: a smoke run")
   p.add_argument("--images", type=int, default=500)
   p.add_argument("--repeats", type=int, default=3, help="timed rounds")
+  p.add_argument("--parts", type=int, default=10,
+                 help="slices a round is timed in, layout by layout (interleaved)")
   p.add_argument("--reference-python", default="",
                  help="a Python with torch and transformers: also time transformers")
+  p.add_argument("--layouts", default="",
+                 help="comma-separated layout names to time (default: all); the baseline, "
+                      f"{BASELINE!r}, is always timed")
   args = p.parse_args()
+  chosen = [name for name, *_ in LAYOUTS
+            if not args.layouts or name in args.layouts.split(",") or name == BASELINE]
+  unknown = set(filter(None, args.layouts.split(","))) - {name for name, *_ in LAYOUTS}
+  if unknown:
+    p.error(f"--layouts: unknown {sorted(unknown)}; choose from {[n for n, *_ in LAYOUTS]}")
   variant, n, budget = ("mu/16", 64, 256) if args.small else ("B/16", args.images, 256)
   image_config = tower_config(variant, budget)
   state = nnx.state(ImageTower.from_config(image_config, rngs=nnx.Rngs(0)))
   patch = parse_variant(variant)[1]
   examples = naflex_examples(n, patch, budget)
   layouts = {name: layout_batches(examples, seq_len, m, patch)
-             for name, _, seq_len, m in LAYOUTS}
-  embeds = {name: embed_fn(image_config, backend, state) for name, backend, _, _ in LAYOUTS}
+             for name, _, seq_len, m in LAYOUTS if name in chosen}
+  embeds = {name: embed_fn(image_config, backend, state)
+            for name, backend, _, _ in LAYOUTS if name in chosen}
   with tempfile.TemporaryDirectory() as folder:
     reference = (Reference(args.reference_python, folder, examples,
                            nnx.to_pure_dict(nnx.state(state, nnx.Param)), image_config, budget)
                  if args.reference_python else None)
-    times, outputs = measure(layouts, embeds, reference, args.repeats)
+    times, outputs = measure(layouts, embeds, reference, args.repeats, args.parts)
     if reference:
       reference.close()
   base = outputs[BASELINE]
@@ -306,13 +344,12 @@ def main() -> None:
   pads = {name: padding(batches) for name, batches in layouts.items()}
   if reference:
     pads[REFERENCE_NAME] = 1 - sum(len(e["patches"]) for e in examples) / (n * budget)
-  rates = {name: n / statistics.median(t) for name, t in times.items()}
   print(f"{variant} SigLIP 2 NaFlex image tower, {n} ImageNet-like images at naflex:{budget} "
         f"(mean {np.mean([len(e['patches']) for e in examples]):.0f} patches), "
         f"{TOKENS_PER_CALL} tokens a call, {jax.devices()[0].platform}, median of "
         f"{args.repeats} rounds"
         + (f"; reference {json.dumps(reference.info)}" if reference else ""))
-  report(n, rates, pads, diffs)
+  report(n, times, pads, diffs)
 
 
 if __name__ == "__main__":
