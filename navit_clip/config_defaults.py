@@ -64,7 +64,7 @@ def _image_defaults() -> ml_collections.ConfigDict:
   img.dtype = "float32"  # compute dtype; params are always float32
   img.remat = "none"  # none | full | dots
   img.scan_layers = False
-  img.attention = "xla"  # auto | xla | cudnn | pallas_gpu | splash (navit_clip.attention)
+  img.attention = "xla"  # auto | xla | cudnn | pallas_gpu | splash | blocked (navit_clip.attention)
   return img
 
 
