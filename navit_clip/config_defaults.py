@@ -114,6 +114,9 @@ def _data_defaults() -> ml_collections.ConfigDict:
   d.label_field = "label"  # classification: record field holding the class
   d.num_epochs = 0  # passes over the training data; 0 = endless
   d.num_workers = 0  # Grain worker processes for per-example work (0 = in process)
+  # Threads that read and preprocess records in this process when num_workers = 0 (0 = the
+  # host's cores, at most 16): decoding releases the GIL, Python work does not.
+  d.read_threads = 0
   d.shard_by_process = True  # each JAX process reads its own share (records or files)
   d.cycle_length = 16  # streamed sources: files read at once, interleaved
   d.shuffle_window = 1024  # streamed sources: records shuffled within windows (1 = off)

@@ -25,6 +25,7 @@ def tiny_demo_config(tokenizer_path: str, name: str = "demo", steps: int = 12):
   c.data.max_images = 6
   c.data.resolution.max_side = 48
   c.data.pack_window = 16
+  c.data.num_workers = 0  # in process (the demo's own worker costs a start-up per run)
   c.optim.warmup_steps = 2
   c.train.total_steps = steps
   c.train.log_every = 4

@@ -131,6 +131,7 @@ BAD_VALUES = [
     ("model.text.eos_id", 200, r"config\.model\.text\.eos_id = 200 must be in \[0, config\.model"),
     ("task", "regression", r"config\.task = 'regression'; expected one of"),
     ("data.max_images", 300, r"config\.data\.max_images = 300 must be in \[1, config\.data\."),
+    ("data.read_threads", -1, r"config\.data\.read_threads = -1 must be"),
     ("data.source", "parquet", r"config\.data\.source = 'parquet'; expected one of"),
     ("data.caption_repair", "drop", r"config\.data\.caption_repair = 'drop'; expected one of"),
     ("data.max_bad_fraction", 0.0, r"config\.data\.max_bad_fraction = 0\.0 must be in \(0\.0,"),

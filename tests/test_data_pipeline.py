@@ -2,7 +2,9 @@
 multi-host shards, mixtures, per-epoch caption choice."""
 
 import dataclasses
+import os
 
+import grain
 import numpy as np
 import pytest
 
@@ -138,6 +140,26 @@ def test_same_seed_same_batches_and_exact_resume(config, wds, source):
     resumed.set_state(state)
     assert data_counters(resumed) == counters
     _same(full[k:], list(resumed))
+
+
+def test_read_threads_follow_the_config_and_leave_the_batches_as_they_are(config,
+                                                                         monkeypatch):
+  threads = []
+  to_iter = grain.MapDataset.to_iter_dataset
+
+  def recording(self, read_options=None, **kwargs):
+    threads.append(read_options.num_threads if read_options else None)
+    return to_iter(self, read_options, **kwargs)
+
+  monkeypatch.setattr(grain.MapDataset, "to_iter_dataset", recording)
+  config.data.source, config.data.num_train_examples = "demo", 30
+  batches = {}
+  for requested in (1, 4, 0):
+    config.data.read_threads = requested
+    batches[requested] = list(pipeline.make_train_dataset(config))
+  assert threads == [1, 4, min(os.cpu_count(), 16)]  # 0: the host's cores, not Grain's 16
+  _same(batches[1], batches[4])
+  _same(batches[1], batches[0])
 
 
 @pytest.mark.slow

@@ -43,7 +43,8 @@ def _overrides(tokenizer: str, more: dict | None = None) -> list[str]:
   settings = {"model.image.variant": "mu/8", "model.text.variant": "mu",
               "data.tokenizer.path": tokenizer, "data.batch_size": 4, "data.seq_len": 64,
               "data.max_images": 6, "data.resolution.max_side": 48, "data.pack_window": 16,
-              "optim.warmup_steps": 2, "train.total_steps": STEPS, "train.log_every": 1,
+              "data.num_workers": 0, "optim.warmup_steps": 2, "train.total_steps": STEPS,
+              "train.log_every": 1,
               "train.checkpoint_every": 2, "train.keep_checkpoints": 10,
               "train.peak_flops": 1e11, "train.tensorboard": False, **(more or {})}
   return [f"{k}={v}" for k, v in settings.items()]

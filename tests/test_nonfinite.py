@@ -143,7 +143,8 @@ def test_a_run_that_diverges_ends_the_command_in_one_line_with_exit_2(
   tiny = {"model.image.variant": "mu/8", "model.text.variant": "mu",
           "data.tokenizer.path": demo_tokenizer_path, "data.batch_size": 4,
           "data.seq_len": 64, "data.max_images": 6, "data.resolution.max_side": 48,
-          "data.pack_window": 16, "train.total_steps": 8, "train.log_every": 2,
+          "data.pack_window": 16, "data.num_workers": 0,
+          "train.total_steps": 8, "train.log_every": 2,
           "train.checkpoint_every": 2, "train.peak_flops": 1e11, "train.tensorboard": False,
           "optim.warmup_steps": 2,
           "optim.lr": 1e30}  # t = exp(t') overflows after the first updates: the loss is NaN
