@@ -160,6 +160,12 @@ def test_read_threads_follow_the_config_and_leave_the_batches_as_they_are(config
   assert threads == [1, 4, min(os.cpu_count(), 16)]  # 0: the host's cores, not Grain's 16
   _same(batches[1], batches[4])
   _same(batches[1], batches[0])
+  threads.clear()
+  spec = dataclasses.replace(pipeline.batch_spec(config), text_len=None)
+  sampler = ResolutionSampler.from_config(config.data.resolution, spec.patch_size,
+                                          spec.seq_len)
+  list(inference_batches(pipeline.make_source(config, "eval"), spec, sampler))
+  assert threads == [min(os.cpu_count(), 16)]  # evaluation and embedding read alike
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from navit_clip.data.batch import BatchSpec
 from navit_clip.data.counters import NOTES_KEY, SKIP_KEY, is_skip
 from navit_clip.data.decode import DecodeLimits
 from navit_clip.data.pack import pack
+from navit_clip.data.pipeline import read_threads
 from navit_clip.data.preprocess import Preprocessor
 from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.data.sources.stream import WorkerStride
@@ -40,10 +41,11 @@ class Skipped:
 
 def _preprocessed(source, preprocess: Preprocessor, start: int,
                   stop: int | None) -> grain.IterDataset:
-  """Records `start..stop` of `source` (random access or a stream), preprocessed."""
+  """Records `start..stop` of `source` (random access or a stream), preprocessed (random
+  access: on one thread a core, `read_threads`)."""
   if not isinstance(source, grain.IterDataset):
     return grain.MapDataset.source(source)[start:stop].map_with_index(
-        preprocess).to_iter_dataset()
+        preprocess).to_iter_dataset(grain.ReadOptions(num_threads=read_threads(0)))
   if start:
     raise ValueError(f"a streamed source is read from its first record; got start={start} "
                      "(convert it to ArrayRecord with `navit-clip data convert` for ranges)")
