@@ -25,7 +25,8 @@ so the CPU time per image is the cost that carries over to a host of one's own.
 3. The whole host pipeline as training runs it (ArrayRecord shards -> global shuffle ->
    decode -> resolution sampling -> resize -> patchify -> tokenize -> count -> pack, S/16,
    L = 1024, M = 16, B = 8 rows), with 0, 1 and 2 Grain worker processes in interleaved
-   rounds. Images/s counts images in the packed batches. With 0 workers the per-example
+   rounds; then the same from webdataset tar shards of the same records (streamed: every
+   worker reads every record and decodes its share). Images/s counts images in the packed batches. With 0 workers the per-example
    work runs on Grain's read threads in this process (decode and resize release the GIL),
    so it can use both cores; workers add the transfer to this process. Each pipeline's CPU
    time per image is set against the in-process pipeline's (what the transfer costs), with
@@ -46,6 +47,7 @@ import argparse
 import glob
 import io
 import os
+import tarfile
 import tempfile
 import time
 from statistics import median
@@ -78,8 +80,10 @@ def photo_like_jpeg(rng: np.random.Generator, h: int, w: int) -> bytes:
   return buf.getvalue()
 
 
-def write_corpus(root: str, n: int) -> tuple[str, list[bytes]]:
-  """max(n, MIN_RECORDS) records in 4 ArrayRecord shards, over n distinct JPEGs."""
+def write_corpus(root: str, n: int) -> tuple[dict[str, str], list[bytes]]:
+  """max(n, MIN_RECORDS) records over n distinct JPEGs, twice: in 4 ArrayRecord shards and
+  in 4 webdataset tar shards (img2dataset's KEY.jpg + KEY.txt); returns {source kind:
+  file pattern} and the JPEGs."""
   from array_record.python.array_record_module import ArrayRecordWriter
   rng = np.random.default_rng(0)
   records = max(n, MIN_RECORDS)
@@ -88,11 +92,17 @@ def write_corpus(root: str, n: int) -> tuple[str, list[bytes]]:
   shards = 4
   for s in range(shards):
     writer = ArrayRecordWriter(os.path.join(root, f"data-{s}.array_record"), "group_size:1")
-    for i in range(s, records, shards):
-      writer.write(encode_example({"image/encoded": images[i % n], "caption": captions[i],
-                                   "example_id": i, "image/format": "jpeg"}))
+    with tarfile.open(os.path.join(root, f"data-{s}.tar"), "w") as tar:
+      for i in range(s, records, shards):
+        writer.write(encode_example({"image/encoded": images[i % n], "caption": captions[i],
+                                     "example_id": i, "image/format": "jpeg"}))
+        for ext, data in (("jpg", images[i % n]), ("txt", captions[i].encode())):
+          member = tarfile.TarInfo(f"{i:08d}.{ext}")
+          member.size = len(data)
+          tar.addfile(member, io.BytesIO(data))
     writer.close()
-  return os.path.join(root, "data-*.array_record"), images
+  return {"arrayrecord": os.path.join(root, "data-*.array_record"),
+          "webdataset": os.path.join(root, "data-{0..3}.tar")}, images
 
 
 def interleaved(fns: dict, items: list, seconds: float, per_round: int = 50
@@ -214,9 +224,9 @@ def bench_pipeline(config, seconds: float) -> tuple[float, float, float, float]:
 
 
 def bench_pipelines(config, seconds: float, rounds: int) -> tuple[float, float, float]:
-  """Part 3; returns tokens per image and the CPU seconds per image of the 2-worker
-  pipeline's workers and of its main process."""
-  print(f"\n3. whole host pipeline (ArrayRecord -> packed S/16 batches, L={SEQ_LEN}, "
+  """Part 3 for config.data.source; returns tokens per image and the CPU seconds per image
+  of the 2-worker pipeline's workers and of its main process."""
+  print(f"\n3. whole host pipeline ({config.data.source} -> packed S/16 batches, L={SEQ_LEN}, "
         f"M={MAX_IMAGES}, B={ROWS}), reduced-scale decode, {rounds} interleaved rounds:")
   counts = (0, 1, 2)
   rates, cpus, mains = ({w: [] for w in counts} for _ in range(3))
@@ -254,14 +264,14 @@ def train_flops_per_image(variant: str, text: str, tokens: float, seq_len: int) 
   return 3 * (img + txt)
 
 
-def pipeline_config(files: str, tokenizer: str):
+def pipeline_config(files: dict[str, str], tokenizer: str):
   config = load_config("demo")
   config.model.image.variant = "S/16"
   config.model.text.variant = "S"
   config.model.text.max_len = TEXT_LEN
   config.model.text.vocab_size = 64
   d = config.data
-  d.source, d.train_files = "arrayrecord", files
+  d.source, d.train_files = "arrayrecord", files["arrayrecord"]
   d.tokenizer.path, d.tokenizer.lowercase = tokenizer, True
   d.batch_size, d.seq_len, d.max_images = ROWS, SEQ_LEN, MAX_IMAGES
   d.resolution.kind, d.resolution.min_side, d.resolution.max_side = (
@@ -295,6 +305,8 @@ def main() -> None:
     config = pipeline_config(files, tokenizer)
     per_core = bench_per_example(config, seconds)
     tok, worker_cpu, main_cpu = bench_pipelines(config, seconds, rounds)
+    config.data.source, config.data.train_files = "webdataset", files["webdataset"]
+    bench_pipelines(config, seconds, rounds)
     print(f"\n4. consumption on one accelerator at {args.device_tflops:.0f} TFLOP/s sustained, "
           f"{tok:.0f} tokens/image in rows of {SEQ_LEN}:")
     for variant, text in (("S/16", "S"), ("B/16", "B")):

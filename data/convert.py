@@ -2,7 +2,8 @@
 
 One output shard per unit of work (an input file of a streamed source, or about
 `records_per_shard` records of a random-access one), written by `workers` processes. Each
-shard is written to a temporary name and renamed when complete, so an interrupted
+shard is written to a temporary name and renamed when complete (to an object store,
+s3:// or gs://, through the local cache and uploaded whole), so an interrupted
 conversion resumes by skipping the shards that exist; a shard that fails leaves no
 temporary file (nor does a killed one, after the next run). Records keep their encoded
 image bytes (decoded arrays, as from the demo source, are stored as PNG), their captions,
@@ -32,6 +33,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from navit_clip import storage
 from navit_clip.data.captions import CaptionError, choose_caption, usable_entries
 from navit_clip.data.counters import SKIP_KEY
 from navit_clip.data.progress import Progress
@@ -97,7 +99,15 @@ def record_to_example(record: dict[str, Any]) -> bytes:
 
 
 def shard_path(out_dir: str, index: int, count: int, prefix: str = "data") -> str:
-  return os.path.join(out_dir, f"{prefix}-{index:05d}-of-{count:05d}.array_record")
+  return storage.join(out_dir, f"{prefix}-{index:05d}-of-{count:05d}.array_record")
+
+
+def _local_target(path: str) -> str:
+  """Where shard `path` is written: `path` itself, or for a URL a file of the local cache
+  that is uploaded once complete (the ArrayRecord writer writes local files only)."""
+  if storage.is_local(path):
+    return path
+  return os.path.join(storage.cache_root(), "convert", f"{storage.url_digest(path)}.array_record")
 
 
 def _write_records(unit: Unit, writer) -> dict[str, int]:
@@ -126,29 +136,33 @@ def _write_records(unit: Unit, writer) -> dict[str, int]:
 
 
 def _convert_unit(job: tuple[Unit, str]) -> dict[str, int]:
-  """Writes one unit to `path` (via a temporary file, removed if anything fails); returns
-  its counts."""
+  """Writes one unit to `path` (via a temporary file, removed if anything fails; a URL
+  via the local cache, uploaded whole); returns its counts."""
   from array_record.python.array_record_module import ArrayRecordWriter
   unit, path = job
-  tmp = f"{path}.tmp-{os.getpid()}"
+  local = _local_target(path)
+  os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+  tmp = f"{local}.tmp-{os.getpid()}"
   try:
     writer = ArrayRecordWriter(tmp, "group_size:1")
     try:
       counts = _write_records(unit, writer)
     finally:
       writer.close()
-    os.replace(tmp, path)
-  except BaseException:
+    if local == path:
+      os.replace(tmp, path)
+    else:
+      storage.put_file(tmp, path)  # an object appears whole or not at all
+  finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise
   return counts
 
 
 def _remove_stale_temporaries(paths: list[str]) -> None:
   """Removes the temporary files that killed conversions left for these shards."""
   for path in paths:
-    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+    for tmp in glob.glob(glob.escape(_local_target(path)) + ".tmp-*"):
       log.info("removing %s, left by an interrupted conversion", tmp)
       os.remove(tmp)
 
@@ -162,19 +176,18 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1
   written by this call; shards already present are skipped (resume). A summary of all
   shards converted so far goes to out_dir/convert.json.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   units = work_units(config, records_per_unit=records_per_shard)
   jobs = [(u, shard_path(out_dir, u.index, len(units), prefix)) for u in units]
-  todo = [job for job in jobs if not os.path.exists(job[1])]
+  todo = [job for job in jobs if not storage.exists(job[1])]
   _remove_stale_temporaries([path for _, path in todo])
   if len(todo) < len(jobs):
     log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} shards already written")
   bar = Progress("data convert", len(todo), "shards", enabled=progress and bool(todo))
-  summary_path = os.path.join(out_dir, "convert.json")
+  summary_path = storage.join(out_dir, "convert.json")
   per_shard = {}
-  if os.path.exists(summary_path):
-    with open(summary_path, encoding="utf-8") as f:
-      per_shard = json.load(f).get("shards", {})
+  if storage.exists(summary_path):
+    per_shard = json.loads(storage.read_bytes(summary_path)).get("shards", {})
   total: collections.Counter[str] = collections.Counter()
 
   def done(path: str, counts: dict[str, int]) -> None:
@@ -185,10 +198,9 @@ def convert(config: ml_collections.ConfigDict, out_dir: str, *, workers: int = 1
     all_counts: collections.Counter[str] = collections.Counter()
     for c in per_shard.values():
       all_counts.update(c)
-    with open(summary_path, "w", encoding="utf-8") as f:
-      json.dump({"source": config.data.source, "files": config.data.train_files,
-                 "totals": dict(all_counts), "shards": per_shard}, f, indent=2,
-                sort_keys=True)
+    storage.write_atomic(summary_path, json.dumps(
+        {"source": config.data.source, "files": config.data.train_files,
+         "totals": dict(all_counts), "shards": per_shard}, indent=2, sort_keys=True))
 
   if workers > 1 and len(todo) > 1:
     with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:

@@ -101,9 +101,9 @@ class PreprocessGroup:
   """Per-example work on a group of records, as one transfer element (`to_transfer`),
   for Grain workers (its patches in shared memory).
 
-  Group g holds records g * size ... g * size + size - 1 of the stream; record i is
-  preprocessed as `preprocess(i, record)`, so the examples are those of the ungrouped
-  stream.
+  Group g of a random-access dataset holds records g * size ... g * size + size - 1;
+  record i is preprocessed as `preprocess(i, record)`, as is each (i, record) pair of a
+  stream's group (`on_pairs`), so the examples are those of the ungrouped stream.
   """
 
   def __init__(self, preprocess: Callable[[int, dict], dict], size: int = TRANSFER_GROUP):
@@ -113,6 +113,10 @@ class PreprocessGroup:
     first = group * self._size
     return to_transfer([self._preprocess(first + k, r) for k, r in enumerate(records)],
                        shared=True)
+
+  def on_pairs(self, pairs: Sequence[tuple[int, dict]]) -> dict[str, Any]:
+    """The group of a stream that carries each record's position: (index, record) pairs."""
+    return to_transfer([self._preprocess(k, r) for k, r in pairs], shared=True)
 
 
 class _UngroupIterator(grain.DatasetIterator):

@@ -12,7 +12,8 @@ Streamed sources (webdataset tar shards, TFRecord):
     FileStream(this host's files)                            file interleave, new file order
       -> WindowShuffleIterDataset                              each epoch; window shuffle
       -> WorkerStride -> .map(Preprocessor) -> mp_prefetch   every worker reads the records,
-                                                             decodes every W-th one
+                                                             decodes every W-th group of
+                                                             TRANSFER_GROUP, sends it at once
 Then, in the main process:
     SkipCountingDataset                                      counts and drops skip markers
     PackedBatchDataset(..., spec)                            packing
@@ -367,16 +368,20 @@ def _examples(records: grain.MapDataset | grain.IterDataset, preprocess: Preproc
   """The per-image examples of `records`, made in `num_workers` processes (0 = this one,
   on `threads` threads).
 
-  Workers take random-access records TRANSFER_GROUP at a time, two groups in flight (the
-  reads of one overlap the decoding of the other; Grain's default of 16 threads and 500
-  elements would hold 500 groups), and send each group as one element, which this process
-  ungroups (navit_clip.data.pack_dataset, "Transfer"): the same examples, in the same order.
+  Workers take records TRANSFER_GROUP at a time (random access: two groups in flight, the
+  reads of one overlapping the decoding of the other, where Grain's default of 16 threads
+  and 500 elements would hold 500 groups; streamed: a worker's share is whole groups of
+  consecutive positions, `WorkerStride.in_groups`), and send each group as one element,
+  which this process ungroups (navit_clip.data.pack_dataset, "Transfer"): the same
+  examples, in the same order.
   """
-  grouped = num_workers > 0 and isinstance(records, grain.MapDataset)
-  if grouped:
+  grouped = num_workers > 0
+  if grouped and isinstance(records, grain.MapDataset):
     ds = (records.batch(TRANSFER_GROUP, batch_fn=list)
           .map_with_index(PreprocessGroup(preprocess))
           .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+  elif grouped:
+    ds = records.in_groups(TRANSFER_GROUP).map(PreprocessGroup(preprocess).on_pairs)
   elif isinstance(records, grain.MapDataset):
     ds = records.map_with_index(preprocess).to_iter_dataset(
         grain.ReadOptions(num_threads=threads))

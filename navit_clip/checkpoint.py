@@ -28,7 +28,8 @@ Checkpoints saved without checksums restore unverified, with a warning.
 
 A directory on an object store (s3://, ...) is mirrored: Orbax writes and reads a local
 staging folder, and navit_clip.checkpoint_mirror downloads the remote committed steps on
-opening and uploads each finished save, its commit marker last (see that module).
+opening and uploads each finished save, its commit marker last (see that module), in a
+background thread: training does not wait for the upload, the next save or `wait` does.
 
 `restore_params` reads only the parameters (or a part of them) of a saved train state:
 evaluation and initialising from another run use it, and never read optimizer state.
@@ -36,6 +37,7 @@ evaluation and initialising from another run use it, and never read optimizer st
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -205,7 +207,12 @@ class Checkpointer:
     """
     self.directory = storage.absolute(directory)
     self._mirror = None if storage.is_local(self.directory) else self._open_mirror()
-    self._unpushed: list[int] = []  # saved here, not yet uploaded to the mirror's remote
+    # A mirrored save is uploaded by one background thread once Orbax has finished it, so
+    # neither training nor the next save waits for the upload, and a run killed between
+    # saves has its last finished save on the remote.
+    self._uploader = (None if self._mirror is None else concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix="checkpoint-upload"))
+    self._upload: concurrent.futures.Future | None = None  # the save being uploaded
     self._writer = writer
     self._saved_here: set[int] = set()  # committed, or being written by this object
     if writer and jax.process_index() == 0 and storage.isdir(self.directory):
@@ -232,17 +239,20 @@ class Checkpointer:
     self.directory = mirror.staging
     return mirror
 
-  def _push_finished(self) -> None:
-    """Uploads the finished saves to the mirror's remote and drops the steps Orbax
-    dropped (call after the manager's wait)."""
-    if self._mirror is None or not self._unpushed:
-      return
+  def _upload_when_saved(self, step: int) -> None:
+    """(The upload thread.) Waits for Orbax to finish saving `step`, uploads it to the
+    mirror's remote and deletes there the steps Orbax dropped."""
+    self._manager.wait_until_finished()
     kept = self._manager.all_steps()
-    for step in self._unpushed:
-      if step in kept:
-        self._mirror.push(step)
-    self._unpushed = []
+    if step in kept:
+      self._mirror.push(step)
     self._mirror.prune(kept)
+
+  def _finish_upload(self) -> None:
+    """Blocks until the upload in progress (if any) is done; raises its error."""
+    upload, self._upload = self._upload, None
+    if upload is not None:
+      upload.result()
 
   def _committed(self, step: int | str) -> bool:
     return storage.isfile(storage.join(self.directory, str(step), COMMIT_MARKER))
@@ -265,8 +275,7 @@ class Checkpointer:
     `run_metadata` (JSON-able) comes back with the state from `restore`. Every process
     calls it together.
     """
-    if self._unpushed:
-      self.wait()
+    self._finish_upload()  # one save in flight, as Orbax: the manager is this thread's now
     items = {"state": ocp.args.StandardSave(state)}
     checksums = {"state": state_checksums(state)}  # before the next step donates `state`
     if data_iterator is not None:
@@ -278,7 +287,7 @@ class Checkpointer:
     if began:
       self._saved_here.add(step)
       if self._mirror is not None:
-        self._unpushed.append(step)
+        self._upload = self._uploader.submit(self._upload_when_saved, step)
     return began
 
   def save_and_wait(self, step: int, state, data_iterator: grain.DatasetIterator | None = None,
@@ -302,6 +311,7 @@ class Checkpointer:
       DamagedCheckpointError: `step` is damaged; with None, every step is.
       CheckpointMismatchError: the checkpoint holds other arrays than `abstract_state`.
     """
+    self._finish_upload()
     steps = self.all_steps()
     if step is not None and step not in steps:
       raise MissingInputError(f"no complete checkpoint at step {step} in {self.directory}; "
@@ -440,11 +450,13 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until any asynchronous save has finished (and, mirrored, is uploaded)."""
+    self._finish_upload()  # first: that thread waits on the manager too
     self._manager.wait_until_finished()
-    self._push_finished()
 
   def close(self) -> None:
     self.wait()
+    if self._uploader is not None:
+      self._uploader.shutdown()
     self._manager.close()
 
 

@@ -22,7 +22,6 @@ directory or gs://, which Orbax writes itself.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -37,9 +36,7 @@ STEP_METADATA = "_CHECKPOINT_METADATA"
 
 def staging_dir(remote: str) -> str:
   """The local folder that mirrors checkpoint directory URL `remote`."""
-  cache = os.environ.get("NAVIT_CLIP_CACHE") or os.path.join("~", ".cache", "navit_clip")
-  digest = hashlib.sha256(remote.rstrip("/").encode()).hexdigest()[:32]
-  return os.path.join(os.path.abspath(os.path.expanduser(cache)), "checkpoints", digest)
+  return os.path.join(storage.cache_root(), "checkpoints", storage.url_digest(remote))
 
 
 def _remote_files(remote_dir: str) -> list[str]:

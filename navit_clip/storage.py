@@ -16,6 +16,7 @@ STORAGE_EMULATOR_HOST for gs://.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import io
 import logging
 import os
@@ -237,6 +238,64 @@ def put_file(local_path: str, path: str) -> None:
     return
   fs, p = _fs(path)
   fs.put_file(local_path, p)
+
+
+def cache_root() -> str:
+  """The local folder for copies of remote files: $NAVIT_CLIP_CACHE, default
+  ~/.cache/navit_clip (absolute)."""
+  cache = os.environ.get("NAVIT_CLIP_CACHE") or os.path.join("~", ".cache", "navit_clip")
+  return os.path.abspath(os.path.expanduser(cache))
+
+
+def url_digest(path: str) -> str:
+  """A short stable name for URL `path` (32 hex digits of its SHA-256)."""
+  return hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:32]
+
+
+def _version(info: dict) -> str:
+  """What changes when an object is rewritten: its ETag, generation or modification time."""
+  for key in ("ETag", "etag", "generation", "md5Hash", "LastModified", "updated", "mtime"):
+    if info.get(key):
+      return f"{key}={info[key]}"
+  return ""
+
+
+def local_copy(path: str) -> str:
+  """A local file holding the bytes of `path`: `path` itself when it is local; for a URL, a
+  copy at cache_root()/files/<url_digest>/<name>, downloaded (to a temporary name, then
+  renamed) unless the cache already holds one of the same size and version.
+
+  Raises:
+    OSError (FileNotFoundError for a missing object): the object cannot be read.
+  """
+  if is_local(path):
+    return path
+  fs, p = _fs(path)
+  info = fs.info(p)
+  size, version = int(info["size"]), _version(info)
+  folder = os.path.join(cache_root(), "files", url_digest(path))
+  target = os.path.join(folder, p.rstrip("/").rsplit("/", 1)[-1])
+  stamp = f"{target}.version"
+  if os.path.isfile(target) and os.path.getsize(target) == size:
+    try:
+      with builtins.open(stamp, encoding="utf-8") as f:
+        if f.read() == version:
+          return target
+    except OSError:
+      pass
+  os.makedirs(folder, exist_ok=True)
+  tmp = f"{target}.part-{os.getpid()}"
+  start = time.monotonic()
+  try:
+    fs.get_file(p, tmp)
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  write_atomic(stamp, version)
+  log.info("copied %s (%.1f MB) to %s in %.1f s", path, size / 1e6, target,
+           time.monotonic() - start)
+  return target
 
 
 def upload_dir(local_dir: str, remote_dir: str) -> None:

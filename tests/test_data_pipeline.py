@@ -10,9 +10,10 @@ import pytest
 
 from data_fixtures import jpeg, tfrecord_files, webdataset_shards
 from navit_clip.config import validate
-from navit_clip.data import pipeline
+from navit_clip.data import pack_dataset, pipeline
 from navit_clip.data.convert import convert
 from navit_clip.data.counters import data_counters
+from navit_clip.data.pack_dataset import from_transfer
 from navit_clip.data.resolution_sampling import ResolutionSampler
 from navit_clip.data.sources.stream import ID_MIXTURE_SHIFT
 from navit_clip.evaluate.inference_batches import inference_batches
@@ -169,20 +170,28 @@ def test_read_threads_follow_the_config_and_leave_the_batches_as_they_are(config
 
 
 @pytest.mark.slow
-def test_workers_send_groups_and_resume_exactly_inside_one(config):
-  """Random-access records reach the main process TRANSFER_GROUP at a time: the batches of
-  zero workers, and a resume from a state taken inside a group yields the unbroken rest."""
-  config.data.source, config.data.num_train_examples = "demo", 30
+@pytest.mark.parametrize("source", ["demo", "webdataset"])
+def test_workers_send_groups_and_resume_exactly_inside_one(config, wds, monkeypatch, source):
+  """Random-access and streamed records reach the main process TRANSFER_GROUP at a time:
+  the batches of zero workers, and a resume from a state taken inside a group yields the
+  unbroken rest."""
+  config.data.source, config.data.num_train_examples = source, 30
+  config.data.train_files = wds[0]  # 18 records
   config.data.batch_size, config.data.num_epochs = 2, 1
   config.data.packer, config.data.pack_bins = "first_fit", 1  # anchors move every batch
   full = list(pipeline.make_train_dataset(config))
   config.data.num_workers = 2
+  transfers = []
+  monkeypatch.setattr(pack_dataset, "from_transfer",
+                      lambda t: transfers.append(t) or from_transfer(t))
   it = iter(pipeline.make_train_dataset(config))
   states, batches = [], []
   for _ in full:
     states.append(it.get_state())
     batches.append(next(it))
   _same(full, batches)
+  records = 30 if source == "demo" else 18
+  assert len(transfers) == -(-records // pipeline.TRANSFER_GROUP)  # groups, not examples
   inside = [k for k, s in enumerate(states) if s["anchor_key"] % pipeline.TRANSFER_GROUP]
   assert inside  # some anchor lies inside a group
   k = inside[len(inside) // 2]

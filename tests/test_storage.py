@@ -5,6 +5,7 @@ into the workdir, and embeddings and exports written to an object store."""
 from __future__ import annotations
 
 import functools
+import glob
 import http.server
 import io
 import json
@@ -13,7 +14,9 @@ import re
 import socket
 import tarfile
 import threading
+import time
 
+import numpy as np
 import pytest
 
 from navit_clip import storage
@@ -249,11 +252,51 @@ def test_s3_training_workdir_saves_prunes_and_resumes_past_a_half_uploaded_step(
   assert [r["loss"] for r in train_rows] == local.losses
 
 
-def test_arrayrecord_refuses_urls(s3):
-  from navit_clip.data.sources.arrayrecord import ArrayRecordSource
+def test_arrayrecord_converted_to_s3_reads_as_the_local_shards(s3, tiny_config, tmp_path,
+                                                              monkeypatch):
+  """`data convert --out s3://...` uploads whole shards and resumes there; training reads
+  ArrayRecord files on s3 through one local copy each: the batches of the local shards
+  (before: refused, "the ArrayRecord reader opens local files only")."""
+  from data_fixtures import webdataset_shards
 
-  with pytest.raises(ValueError, match="opens local files only"):
-    ArrayRecordSource([f"{s3}/x.array_record"])
+  from navit_clip.data import pipeline
+  from navit_clip.data.convert import convert
+
+  monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache"))
+  config = tiny_config()
+  config.data.num_epochs = 1
+  config.data.source = "webdataset"
+  config.data.train_files = webdataset_shards(str(tmp_path), num_shards=2, per_shard=5)[0]
+  quiet = dict(records_per_shard=5, progress=False, log=lambda _: None)
+  local_dir, remote_dir = tmp_path / "ar", f"{s3}/converted"
+  assert convert(config, str(local_dir), **quiet) == {"records": 10, "written": 10}
+  assert convert(config, remote_dir, **quiet) == {"records": 10, "written": 10}
+  names = sorted(os.listdir(local_dir))
+  assert storage.listdir(remote_dir) == names  # two shards and convert.json
+  for name in names:
+    if name.endswith(".array_record"):
+      assert storage.read_bytes(f"{remote_dir}/{name}") == (local_dir / name).read_bytes()
+  assert convert(config, remote_dir, **quiet) == {}  # resumed: every shard is there
+  assert not glob.glob(str(tmp_path / "cache" / "convert" / "*"))  # nothing left behind
+  batches = {}
+  config.data.source = "arrayrecord"
+  for where in (str(local_dir), remote_dir):
+    config.data.train_files = f"{where}/*.array_record"
+    batches[where] = list(pipeline.make_train_dataset(config))
+  assert len(batches[remote_dir]) == len(batches[str(local_dir)]) > 0
+  for a, b in zip(batches[str(local_dir)], batches[remote_dir]):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  copies = glob.glob(str(tmp_path / "cache" / "files" / "*" / "*.array_record"))
+  assert len(copies) == 2
+  first = {c: os.stat(c).st_mtime_ns for c in copies}
+  config.data.train_files = f"{remote_dir}/*.array_record"
+  list(pipeline.make_train_dataset(config))
+  assert {c: os.stat(c).st_mtime_ns for c in copies} == first  # the copies serve again
+  shard = next(n for n in names if n.endswith(".array_record"))
+  storage.write_atomic(f"{remote_dir}/{shard}", b"rewritten, not an ArrayRecord file")
+  monkeypatch.setattr(config.data, "max_bad_fraction", 1.0)
+  source = pipeline.make_source(config, "train")  # the changed object is fetched again
+  assert len(source) == 5 + 1  # the other shard's records and one unreadable-file marker
 
 
 def test_gs_shards_and_files(gs):
@@ -487,3 +530,28 @@ def test_an_export_on_s3_loads_back_and_embeds_as_the_local_one(s3, imported_wor
   assert want.shape[:2] == (local.spec.batch_size, local.spec.max_images)
   assert np.abs(want[batch["image_mask"]]).sum() > 0
   np.testing.assert_allclose(remote.images(batch), want, atol=1e-6)
+
+
+def test_a_finished_save_reaches_s3_while_training_goes_on(s3, tmp_path, monkeypatch):
+  """The upload of a mirrored save starts once Orbax has written it, without a further call
+  (before: only at the next save or wait, so a run killed between saves had not uploaded
+  its last one), and `wait` returns with the step on the remote."""
+  import jax.numpy as jnp
+
+  from navit_clip.checkpoint import Checkpointer
+
+  monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache"))
+  remote = f"{s3}/runs/background/checkpoints"
+  ckpt = Checkpointer(remote, writer=True)
+  state = {"w": jnp.arange(12.0).reshape(3, 4), "step": jnp.int32(1)}
+  assert ckpt.save(1, state)
+  deadline = time.monotonic() + 30
+  while not storage.isfile(f"{remote}/1/commit_success.txt"):
+    assert time.monotonic() < deadline, "step 1 was not uploaded without another call"
+    time.sleep(0.2)
+  assert ckpt.save(2, {**state, "step": jnp.int32(2)})
+  ckpt.wait()
+  assert storage.isfile(f"{remote}/2/commit_success.txt")
+  ckpt.close()
+  restored = Checkpointer(remote).restore(None, state)
+  assert int(restored.state["step"]) == 2

@@ -1,7 +1,9 @@
 """ArrayRecord shards of serialized tf.train.Example: Grain's random-access format.
 
 `navit-clip data convert` writes them; TFDS ArrayRecord builds hold the same Examples.
-Random access lets the pipeline shuffle globally, with a new order each epoch.
+Random access lets the pipeline shuffle globally, with a new order each epoch. Files on
+object stores (s3://, gs://, ...) are copied to the local cache once (`storage.local_copy`,
+each host the whole set: any record may be drawn) and read there.
 """
 
 from __future__ import annotations
@@ -34,27 +36,25 @@ def _why_unreadable(path: str) -> str | None:
 
 def _open_readable(paths: list[str]) -> tuple[Any, list[str]]:
   """(a Grain source over the readable files, the unreadable ones), all opened once when
-  every file is fine.
-
-  Raises:
-    ValueError: a path is a URL: the ArrayRecord reader opens local files only.
-  """
-  remote = next((p for p in paths if not storage.is_local(p)), None)
-  if remote is not None:
-    raise ValueError(f"ArrayRecord file {remote!r}: the ArrayRecord reader opens local files "
-                     "only; copy the files to a local disk, or use webdataset or tfrecord "
-                     "shards for object stores and URLs")
-  if all(os.path.isfile(p) for p in paths):
+  every file is fine. A URL is read from its local copy (`storage.local_copy`: the
+  ArrayRecord reader opens local files only); one that cannot be copied is unreadable."""
+  local, why = {}, {}
+  for p in paths:
     try:
-      return grain.sources.ArrayRecordDataSource(paths), []
+      local[p] = storage.local_copy(p)
+    except OSError as e:
+      why[p] = f"cannot be copied from its store: {type(e).__name__}: {e}"[:200]
+  if not why and all(os.path.isfile(local[p]) for p in paths):
+    try:
+      return grain.sources.ArrayRecordDataSource([local[p] for p in paths]), []
     except Exception:  # some file is damaged: find which
       pass
-  why = {p: _why_unreadable(p) for p in paths}
+  why.update({p: _why_unreadable(local[p]) for p in local})
   bad = [p for p in paths if why[p] is not None]
   for p in bad:
     log.warning("ArrayRecord file %s cannot be read (%s); counted as unreadable_file", p,
                 why[p])
-  good = [p for p in paths if why[p] is None]
+  good = [local[p] for p in paths if why[p] is None]
   if not good:
     raise ValueError(f"ArrayRecord files: none of the {len(paths)} can be read (first: "
                      f"{bad[0]!r}: {why[bad[0]]})")

@@ -3,15 +3,18 @@
   FileStream        records of many files: a new file order each epoch (seeded), `cycle`
                     files open at once, read round-robin (file interleave)
   MixedStream       weighted mixture of streams, source chosen per position from (seed, k)
-  WorkerStride      yields (k, record) with the record's position k in the stream; under
-                    `mp_prefetch`, worker w of W keeps positions k = w (mod W)
+  WorkerStride      yields (k, record) with the record's position k in the stream, or
+                    lists of `group` consecutive such pairs; under `mp_prefetch`, worker
+                    w of W keeps the groups g = w (mod W)
 
 Why WorkerStride: `mp_prefetch` gives each worker a slice of the dataset and reads the
 workers round-robin. Slicing a stream by files would make the order depend on the worker
 count; instead every worker reads the same (cheap, undecoded) records in the same order and
-keeps its share, so worker w emits positions w, w + W, ... and the round-robin restores
-k = 0, 1, 2, ... exactly: batches do not depend on the worker count. Decoding, the
-expensive part, still happens once per record.
+keeps its share, so worker w emits groups w, w + W, ... and the round-robin restores
+groups 0, 1, 2, ..., hence positions k = 0, 1, 2, ..., exactly: batches do not depend on
+the worker count. Decoding, the expensive part, still happens once per record. Groups of
+several records let a worker send their examples as one element (navit_clip.data.
+pack_dataset, "Transfer").
 
 A reader is a picklable object with `read(path, offset) -> iterator of (record,
 next_offset)`: records from the byte `offset` of the file, each with the offset at which
@@ -289,16 +292,27 @@ class MixedStream(grain.IterDataset):
 
 class _StrideIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, start: int, step: int):
+  def __init__(self, parent: grain.DatasetIterator, start: int, step: int, group: int):
     super().__init__(parent)
-    self._start, self._step, self._k = start, step, 0
+    self._start, self._step, self._group, self._k = start, step, group, 0
 
-  def __next__(self) -> tuple[int, dict]:
+  def _next_kept(self) -> tuple[int, dict]:
     while True:
       record = next(self._parent)
       k, self._k = self._k, self._k + 1
-      if k % self._step == self._start:
+      if (k // self._group) % self._step == self._start:
         return k, record
+
+  def __next__(self) -> tuple[int, dict] | list[tuple[int, dict]]:
+    if self._group == 1:
+      return self._next_kept()
+    pairs = [self._next_kept()]  # the first of a group: ends the iterator at the end
+    while self._k % self._group:  # the rest of its group, fewer where the stream ends
+      try:
+        pairs.append(self._next_kept())
+      except StopIteration:
+        break
+    return pairs
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._parent.get_state(), "k": self._k}
@@ -309,21 +323,32 @@ class _StrideIterator(grain.DatasetIterator):
 
 
 class WorkerStride(grain.IterDataset):
-  """(k, record) pairs: the record at stream position k; a worker's share when sliced."""
+  """(k, record) pairs: the record at stream position k; a worker's share when sliced.
 
-  def __init__(self, parent: grain.IterDataset):
+  With `group` > 1 it yields lists of the pairs of positions g * group ... g * group +
+  group - 1 (group g; the last one shorter where the stream ends), and a worker keeps
+  whole groups.
+  """
+
+  def __init__(self, parent: grain.IterDataset, group: int = 1):
     super().__init__(parent)
-    self._start, self._step = 0, 1
+    if group < 1:
+      raise ValueError(f"WorkerStride: group {group} is not a positive record count")
+    self._start, self._step, self._group = 0, 1, group
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-    """Keeps positions start, start + step, ...: called by `mp_prefetch` in each worker."""
+    """Keeps groups start, start + step, ...: called by `mp_prefetch` in each worker."""
     if sequential_slice:
       raise ValueError("WorkerStride supports strided worker slices only; "
                        "use mp_prefetch(sequential_slice=False)")
     self._start, self._step = sl.start or 0, sl.step or 1
 
+  def in_groups(self, size: int) -> WorkerStride:
+    """The same stream as lists of `size` consecutive pairs (unsliced)."""
+    return WorkerStride(self._parent, group=size)
+
   def __iter__(self) -> _StrideIterator:
-    return _StrideIterator(self._parent.__iter__(), self._start, self._step)
+    return _StrideIterator(self._parent.__iter__(), self._start, self._step, self._group)
 
   def __str__(self) -> str:
-    return f"WorkerStride({self._start}::{self._step})"
+    return f"WorkerStride({self._start}::{self._step}, group={self._group})"
