@@ -29,11 +29,13 @@ and each NumPy array in it through a shared-memory segment of its own. Per-image
 paid that fixed cost (four segments, the queue, the iterator state) once per image, about
 as much CPU time as the per-example work itself. So the workers send `TRANSFER_GROUP`
 consecutive examples at once (`PreprocessGroup`, `to_transfer`): all their uint8 patches
-written once, into one shared-memory block, and everything else (positions, grid, text
-tokens, labels, ids, notes, skip markers) pickled into one bytes value. In the main
-process `UngroupDataset` yields the examples again, in order, their patches views into the
-block: the same examples and the same batches as without workers. Its state is the
-parent's state before the current group and the examples taken from it.
+written once, into one shared-memory block that the worker reuses once the main process
+is done with it (navit_clip.data.shared_blocks: a new segment's pages cost the kernel
+0.15 ms an image to allocate), and everything else (positions, grid, text tokens, labels,
+ids, notes, skip markers) pickled into one bytes value. In the main process
+`UngroupDataset` yields the examples again, in order, their patches views into the block:
+the same examples and the same batches as without workers. Its state is the parent's
+state before the current group and the examples taken from it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from navit_clip.data.batch import BatchSpec
 from navit_clip.data.counters import data_counters
 from navit_clip.data.pack import (ALGORITHMS, DEFAULT_BINS, DEFAULT_WINDOW, Packer,
                                   example_length)
+from navit_clip.data.shared_blocks import BlockReader, WorkerBlocks
 
 GRAIN_PACKERS = ("grain_first_fit", "grain_best_fit")
 PACKERS = ALGORITHMS + GRAIN_PACKERS  # the choices of config.data.packer
@@ -64,37 +67,55 @@ def to_transfer(examples: Sequence[dict], shared: bool = False) -> dict[str, Any
 
   Args:
     examples: what `Preprocessor` returns.
-    shared: write the patches straight into a Grain shared-memory array, which Grain's
-      worker then sends without copying it again (only in a worker: the receiving side
-      frees it).
+    shared: (only in a worker) write the patches into one of this worker's reused
+      shared-memory blocks (navit_clip.data.shared_blocks), or where none is free into a
+      Grain shared-memory array, which Grain's worker then sends without copying it
+      again (the receiving side frees it).
 
   Returns:
     {"patches": uint8 [N, D], the examples' patches one after the other (N their total
-    token count; [0, 0] when none has patches), "rest": bytes, the pickled list of
-    (token count, the example without its patches)}. Patches of unequal widths (bad
-    input, refused by the packer) travel inside "rest" with their example.
+    token count; [0, 0] when none has patches or they lie in a block), "rest": bytes, the
+    pickled (BlockRef of the patches or None, list of (token count, the example without
+    its patches))}. Patches of unequal widths (bad input, refused by the packer) travel
+    inside "rest" with their example.
   """
   blocks = [ex["patches"] for ex in examples if "patches" in ex]
+  ref, patches = None, np.zeros((0, 0), np.uint8)
   if not blocks or len({b.shape[1:] for b in blocks}) > 1:
     rest = [(-1, ex) for ex in examples]
-    patches = np.zeros((0, 0), np.uint8)
   else:
     rest = [(ex["patches"].shape[0] if "patches" in ex else -1,
              {k: v for k, v in ex.items() if k != "patches"}) for ex in examples]
     shape = (sum(len(b) for b in blocks), *blocks[0].shape[1:])
-    out = grain.multiprocessing.SharedMemoryArray(shape, np.uint8) if shared else None
-    patches = np.concatenate(blocks, out=out)
-  return {"patches": patches, "rest": pickle.dumps(rest, protocol=pickle.HIGHEST_PROTOCOL)}
+    ref = _worker_blocks().write(blocks, shape) if shared else None
+    if ref is None:
+      out = grain.multiprocessing.SharedMemoryArray(shape, np.uint8) if shared else None
+      patches = np.concatenate(blocks, out=out)
+  return {"patches": patches,
+          "rest": pickle.dumps((ref, rest), protocol=pickle.HIGHEST_PROTOCOL)}
 
 
-def from_transfer(transfer: dict[str, Any]) -> list[dict]:
-  """The examples of `to_transfer`, in order; their patches are views into the block."""
-  block, start, examples = transfer["patches"], 0, []
-  for n, example in pickle.loads(transfer["rest"]):
+def from_transfer(transfer: dict[str, Any], reader: BlockReader | None = None) -> list[dict]:
+  """The examples of `to_transfer`, in order; their patches are views into the block
+  (`reader` maps workers' blocks)."""
+  ref, items = pickle.loads(transfer["rest"])
+  block = transfer["patches"] if ref is None else reader.array(ref)
+  start, examples = 0, []
+  for n, example in items:
     if n >= 0:
       example["patches"], start = block[start:start + n], start + n
     examples.append(example)
   return examples
+
+
+_WORKER_BLOCKS: WorkerBlocks | None = None  # this worker process's blocks, made on first use
+
+
+def _worker_blocks() -> WorkerBlocks:
+  global _WORKER_BLOCKS
+  if _WORKER_BLOCKS is None:
+    _WORKER_BLOCKS = WorkerBlocks()
+  return _WORKER_BLOCKS
 
 
 class PreprocessGroup:
@@ -127,10 +148,11 @@ class _UngroupIterator(grain.DatasetIterator):
     self._group_state: Any = None  # the parent's state before the current group
     self._examples: list[dict] = []
     self._taken = 0
+    self._reader = BlockReader()
 
   def _next_group(self) -> None:
     self._group_state = self._parent.get_state()
-    self._examples, self._taken = from_transfer(next(self._parent)), 0
+    self._examples, self._taken = from_transfer(next(self._parent), self._reader), 0
 
   def __next__(self) -> dict:
     while self._taken == len(self._examples):

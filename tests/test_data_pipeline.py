@@ -15,6 +15,7 @@ from navit_clip.data.convert import convert
 from navit_clip.data.counters import data_counters
 from navit_clip.data.pack_dataset import from_transfer
 from navit_clip.data.resolution_sampling import ResolutionSampler
+from navit_clip.data.shared_blocks import BlockReader
 from navit_clip.data.sources.stream import ID_MIXTURE_SHIFT
 from navit_clip.evaluate.inference_batches import inference_batches
 
@@ -183,7 +184,7 @@ def test_workers_send_groups_and_resume_exactly_inside_one(config, wds, monkeypa
   config.data.num_workers = 2
   transfers = []
   monkeypatch.setattr(pack_dataset, "from_transfer",
-                      lambda t: transfers.append(t) or from_transfer(t))
+                      lambda t, *a: transfers.append(t) or from_transfer(t, *a))
   it = iter(pipeline.make_train_dataset(config))
   states, batches = [], []
   for _ in full:
@@ -198,6 +199,24 @@ def test_workers_send_groups_and_resume_exactly_inside_one(config, wds, monkeypa
   resumed = iter(pipeline.make_train_dataset(config))
   resumed.set_state(states[k])
   _same(full[k:], list(resumed))
+
+
+@pytest.mark.slow
+def test_workers_reuse_their_shared_blocks_and_the_batches_stay_the_same(config,
+                                                                        monkeypatch):
+  """Over 40 groups each worker rewrites blocks the main process has released (not a new
+  segment a group), and every batch equals the in-process one."""
+  config.data.source, config.data.num_train_examples = "demo", 40 * pipeline.TRANSFER_GROUP
+  config.data.num_epochs = 1
+  full = list(pipeline.make_train_dataset(config))
+  refs = []
+  array = BlockReader.array
+  monkeypatch.setattr(BlockReader, "array", lambda self, ref: refs.append(ref) or array(self, ref))
+  config.data.num_workers = 2
+  _same(full, list(pipeline.make_train_dataset(config)))
+  assert len(refs) == 40  # every group in a block
+  names = {r.name for r in refs}
+  assert len({r.pid for r in refs}) == 2 and len(names) < 20  # reused, not one a group
 
 
 def test_new_order_each_epoch(config, wds):
