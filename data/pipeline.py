@@ -11,9 +11,12 @@ Random-access sources (demo, ArrayRecord, folders):
 Streamed sources (webdataset tar shards, TFRecord):
     FileStream(this host's files)                            file interleave, new file order
       -> WindowShuffleIterDataset                              each epoch; window shuffle
-      -> WorkerStride -> .map(Preprocessor) -> mp_prefetch   every worker reads the records,
-                                                             decodes every W-th group of
-                                                             TRANSFER_GROUP, sends it at once
+      -> WorkerStride -> .map(Preprocessor) -> mp_prefetch   worker w of W reads files
+                                                             w::W of each epoch's order
+                                                             (data.stream_split "files"), or
+                                                             every record and decodes every
+                                                             W-th group ("records"); sends a
+                                                             group of TRANSFER_GROUP at once
 Then, in the main process:
     SkipCountingDataset                                      counts and drops skip markers
     PackedBatchDataset(..., spec)                            packing
@@ -52,7 +55,8 @@ from navit_clip.data.sources.folder import CaptionFolderSource, ClassFolderSourc
 from navit_clip.data.sources.folder import check_config as check_folder
 from navit_clip.data.sources.mixture import parse_mixture
 from navit_clip.data.sources.paths import expand_paths
-from navit_clip.data.sources.stream import FileStream, MixedStream, WorkerStride, mixture_id
+from navit_clip.data.sources.stream import (SPLITS, FileStream, MixedStream, WorkerStride,
+                                            mixture_id)
 from navit_clip.data.sources.tfrecord import TFRecordReader
 from navit_clip.data.sources.webdataset import TarReader
 from navit_clip.data.token_drop import TokenDropper
@@ -102,6 +106,7 @@ def _check_source(d: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.source = {d.source!r} needs config.data.train_files")
   check_folder(d)
   check_choice("config.data.caption_repair", d.caption_repair, REPAIR_POLICIES)
+  check_choice("config.data.stream_split", d.stream_split, ("auto", *SPLITS))
   for name in ("num_epochs", "num_workers", "read_threads", "bad_check_min_records"):
     check_range(f"config.data.{name}", d[name], 0)
   for name in ("cycle_length", "shuffle_window", "max_member_bytes"):
@@ -363,15 +368,36 @@ def read_threads(requested: int) -> int:
   return requested or min(os.cpu_count() or 1, 16)
 
 
+def stream_split(records: WorkerStride, requested: str, num_workers: int) -> str:
+  """How `num_workers` workers share streamed `records` (config.data.stream_split):
+  "auto" is "files" when every record comes from files and every file stream has at least
+  one file a worker, else "records".
+
+  Raises:
+    ValueError: "files" was asked for where it cannot serve.
+  """
+  streams = records.file_streams()
+  possible = streams is not None and all(len(s.paths) >= num_workers for s in streams)
+  if requested == "files" and not possible:
+    why = ("a random-access component of the mixture is not read by files" if streams is None
+           else f"a stream has {min(len(s.paths) for s in streams)} files for {num_workers} "
+           "workers")
+    raise ValueError(f"config.data.stream_split = 'files': {why}; use 'records' or 'auto'")
+  if requested == "auto":
+    return "files" if possible else "records"
+  return requested
+
+
 def _examples(records: grain.MapDataset | grain.IterDataset, preprocess: Preprocessor,
-              num_workers: int, threads: int) -> grain.IterDataset:
+              num_workers: int, threads: int, split: str = "auto") -> grain.IterDataset:
   """The per-image examples of `records`, made in `num_workers` processes (0 = this one,
   on `threads` threads).
 
   Workers take records TRANSFER_GROUP at a time (random access: two groups in flight, the
   reads of one overlapping the decoding of the other, where Grain's default of 16 threads
   and 500 elements would hold 500 groups; streamed: a worker's share is whole groups of
-  consecutive positions, `WorkerStride.in_groups`), and send each group as one element,
+  consecutive positions, `WorkerStride.in_groups`, shared by `split`: see
+  `stream_split`), and send each group as one element,
   which this process ungroups (navit_clip.data.pack_dataset, "Transfer"): the same
   examples, in the same order.
   """
@@ -381,7 +407,8 @@ def _examples(records: grain.MapDataset | grain.IterDataset, preprocess: Preproc
           .map_with_index(PreprocessGroup(preprocess))
           .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
   elif grouped:
-    ds = records.in_groups(TRANSFER_GROUP).map(PreprocessGroup(preprocess).on_pairs)
+    ds = (records.in_groups(TRANSFER_GROUP, stream_split(records, split, num_workers))
+          .map(PreprocessGroup(preprocess).on_pairs))
   elif isinstance(records, grain.MapDataset):
     ds = records.map_with_index(preprocess).to_iter_dataset(
         grain.ReadOptions(num_threads=threads))
@@ -420,6 +447,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, process_index: int 
     spec = dataclasses.replace(spec, batch_size=spec.batch_size // process_count)
   preprocess = make_preprocessor(config, seed=config.seed, process_index=process_index,
                                  process_count=process_count)
-  ds = _examples(records, preprocess, d.num_workers, read_threads(d.read_threads))
+  ds = _examples(records, preprocess, d.num_workers, read_threads(d.read_threads),
+                 d.stream_split)
   return PackedBatchDataset(_count_skips(ds, config, _source_name(config)), spec,
                             packer=d.packer, window=d.pack_window, bins=d.pack_bins)

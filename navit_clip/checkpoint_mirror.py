@@ -16,8 +16,9 @@ remote copy:
   keep_period apply to both copies).
 
 The staging folder is $NAVIT_CLIP_CACHE/checkpoints/<sha256 of the URL> (default cache
-~/.cache/navit_clip). One process writes: a multi-process run needs a shared local
-directory or gs://, which Orbax writes itself.
+~/.cache/navit_clip). One process writes: Orbax's multi-process saves need one directory
+that every process sees, so a multi-process run needs a shared local (or network-mounted)
+checkpoint directory. `navit_clip.checkpoint` uploads each step from a background thread.
 """
 
 from __future__ import annotations

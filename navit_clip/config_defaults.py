@@ -117,6 +117,11 @@ def _data_defaults() -> ml_collections.ConfigDict:
   # Threads that read and preprocess records in this process when num_workers = 0 (0 = the
   # host's cores, at most 16): decoding releases the GIL, Python work does not.
   d.read_threads = 0
+  # How workers share a streamed source: "files" (worker w of W reads files w::W of each
+  # epoch's order: every record read once), "records" (every worker reads every record and
+  # decodes its share: batches independent of the worker count, but W reads of each
+  # shard), "auto" (files when every stream has at least one file a worker).
+  d.stream_split = "auto"
   d.shard_by_process = True  # each JAX process reads its own share (records or files)
   d.cycle_length = 16  # streamed sources: files read at once, interleaved
   d.shuffle_window = 1024  # streamed sources: records shuffled within windows (1 = off)

@@ -47,7 +47,8 @@ WORKDIR_TOKENIZER = "tokenizer.model"  # the run's copy, named relative to the w
 RESUME_FIXED_KEYS = ("task", "model", "loss.name", "optim.name", "optim.lr_mults",
                      "optim.grad_accum", "optim.grad_accum_steps", "data.source",
                      "data.train_files", "data.mixture", "data.num_workers",
-                     "data.batch_size", "data.seq_len", "data.max_images", "data.packer")
+                     "data.stream_split", "data.batch_size", "data.seq_len",
+                     "data.max_images", "data.packer")
 
 
 def check_config(t: ml_collections.ConfigDict) -> None:

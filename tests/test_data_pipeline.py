@@ -77,10 +77,48 @@ def test_webdataset_epoch_exactly_once_and_independent_of_workers(config, wds):
   batches0, it = _batches(config)
   assert sorted(_ids(batches0)) == sorted(captions)
   assert data_counters(it) == {"records": 18, "skipped": 0}
-  config.data.num_workers = 2
+  config.data.num_workers, config.data.stream_split = 2, "records"
   batches2, it2 = _batches(config)
   _same(batches0, batches2)
   assert data_counters(it2) == {"records": 18, "skipped": 0}
+
+
+@pytest.mark.slow
+def test_workers_reading_their_own_files_cover_the_epoch_once_and_resume_exactly(config,
+                                                                                wds):
+  """stream_split "files" (the "auto" choice with a shard a worker): each record once per
+  epoch, the same batches for the same seed, and a resume inside a group continues them."""
+  pattern, captions = wds
+  config.data.source, config.data.train_files = "webdataset", pattern
+  config.data.num_workers, config.data.num_epochs, config.data.batch_size = 2, 2, 2
+  config.data.packer, config.data.pack_bins = "first_fit", 1
+  full, it = _batches(config)
+  assert sorted(_ids(full)) == sorted(list(captions) * 2)
+  assert data_counters(it) == {"records": 36, "skipped": 0}
+  config.data.stream_split = "files"
+  again = iter(pipeline.make_train_dataset(config))
+  states = []
+  for _ in full:
+    states.append(again.get_state())
+    next(again)
+  k = next(k for k, s in enumerate(states) if s["anchor_key"] % pipeline.TRANSFER_GROUP)
+  resumed = iter(pipeline.make_train_dataset(config))
+  resumed.set_state(states[k])
+  _same(full[k:], list(resumed))
+  config.data.stream_split = "records"
+  assert sorted(_ids(_batches(config)[0])) == sorted(_ids(full))  # another order
+
+
+def test_a_files_split_needs_a_file_for_each_worker(config, wds):
+  config.data.source, config.data.train_files = "webdataset", wds[0]
+  records = pipeline.make_records(config, seed=0)
+  assert pipeline.stream_split(records, "auto", 3) == "files"
+  assert pipeline.stream_split(records, "auto", 4) == "records"  # 3 shards
+  with pytest.raises(ValueError, match="stream_split = 'files': a stream has 3 files for 4"):
+    pipeline.stream_split(records, "files", 4)
+  config.data.source, config.data.mixture = "mixture", f"webdataset:{wds[0]}=1;demo:=1"
+  mixed = pipeline.make_records(config, seed=0)
+  assert pipeline.stream_split(mixed, "auto", 2) == "records"
 
 
 @pytest.mark.parametrize("packer", ["best_fit", "grain_first_fit"])
@@ -181,7 +219,7 @@ def test_workers_send_groups_and_resume_exactly_inside_one(config, wds, monkeypa
   config.data.batch_size, config.data.num_epochs = 2, 1
   config.data.packer, config.data.pack_bins = "first_fit", 1  # anchors move every batch
   full = list(pipeline.make_train_dataset(config))
-  config.data.num_workers = 2
+  config.data.num_workers, config.data.stream_split = 2, "records"  # the in-process order
   transfers = []
   monkeypatch.setattr(pack_dataset, "from_transfer",
                       lambda t, *a: transfers.append(t) or from_transfer(t, *a))

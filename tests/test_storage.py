@@ -103,6 +103,12 @@ def http_root(tmp_path_factory):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+  served: list[str] = []  # the paths of the GET requests, in order
+
+  def do_GET(self):
+    _QuietHandler.served.append(self.path)
+    super().do_GET()
+
   def log_message(self, *args):
     pass
 
@@ -150,6 +156,33 @@ def test_http_shards(http_root):
       b"caption s0a", b"caption s0b", b"caption s1a", b"caption s1b"]
   with pytest.raises(ValueError, match="cannot be globbed"):
     storage.glob(f"{url}/*.tar")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split, fetches", [("files", 1), ("records", 2)])
+def test_two_workers_fetch_each_https_shard_once_when_they_split_files(http_root, tiny_config,
+                                                                    split, fetches):
+  """Training from http:// webdataset shards with 2 workers: with stream_split "files"
+  (the default's choice here) each shard is downloaded once an epoch, not once a worker,
+  and the epoch holds each record once."""
+  from data_fixtures import webdataset_shards
+
+  from navit_clip.data import pipeline
+
+  root, url = http_root
+  folder = root / f"wds_{split}"
+  folder.mkdir()
+  _, captions = webdataset_shards(str(folder), num_shards=4, per_shard=3)
+  config = tiny_config()
+  config.data.source, config.data.num_epochs = "webdataset", 1
+  config.data.train_files = f"{url}/wds_{split}/shard-{{00000..00003}}.tar"
+  config.data.num_workers, config.data.stream_split = 2, split
+  _QuietHandler.served.clear()
+  batches = list(pipeline.make_train_dataset(config))
+  ids = sorted(i for b in batches for i in b["example_id"][b["image_mask"]].tolist())
+  assert ids == sorted(captions)
+  assert sorted(_QuietHandler.served) == sorted(
+      f"/wds_{split}/shard-{s:05d}.tar" for s in range(4) for _ in range(fetches))
 
 
 def test_http_missing_shard_is_skipped_as_unreadable(http_root):
@@ -331,6 +364,26 @@ def test_gs_metrics_workdir(gs):
   rows = [json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").splitlines()]
   assert [r["step"] for r in rows] == [1, 2]
   assert len(storage.glob(f"{run}/tensorboard/events.out.tfevents.*")) == 2
+  assert not os.path.exists("gs:")
+
+
+def test_gs_training_workdir_checkpoints_and_resumes(gs, tiny_config, tmp_path, monkeypatch):
+  """A gs:// workdir (the emulator): checkpoints go up through the mirror, and a resume on
+  another machine (an empty cache) continues the unbroken run's losses."""
+  from navit_clip.train import train
+
+  config = tiny_config(steps=6)
+  config.train.log_every, config.train.checkpoint_every = 1, 3
+  local = train(config, str(tmp_path / "local"))
+  run = f"{gs}/runs/train"
+  monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache_a"))
+  config.train.total_steps = 3
+  assert train(config, run).losses == local.losses[:3]
+  assert storage.isfile(f"{run}/checkpoints/3/commit_success.txt")
+  monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache_b"))
+  config.train.total_steps = 6
+  assert train(config, run).losses == local.losses[3:]
+  assert storage.listdir(f"{run}/checkpoints") == ["3", "6"]
   assert not os.path.exists("gs:")
 
 

@@ -51,6 +51,7 @@ ID_FILE_SHIFT = 32  # example_id = file_id << ID_FILE_SHIFT | record number in t
 ID_MIXTURE_SHIFT = 48  # mixture ids: component << ID_MIXTURE_SHIFT | id (see mixture_id)
 MAX_MIXTURE_COMPONENTS = 1 << 14  # components in bits 48..61: exact ids stay below 2**62
 FAILED_FILE_END = 1 << 62  # the offset after a file that ended in error: nothing more is read
+SPLITS = ("records", "files")  # how workers share a stream (WorkerStride)
 _HASHED_ID = 1 << 62  # mixture ids of hashed ids are in [2**62, 2**63)
 
 
@@ -136,7 +137,7 @@ class _FileStreamIterator(grain.DatasetIterator):
     self._reasons[record[SKIP_KEY]] += 1
     if offset >= FAILED_FILE_END:
       self._failed += 1
-      record[FAILED_FILES_KEY] = (self._ds.name, self._failed, len(self._ds.paths))
+      record[FAILED_FILES_KEY] = (self._ds.name, self._failed, len(self._order))
 
   def _next_pass(self) -> None:
     """Starts the next epoch; raises EmptyPassError after a pass without a usable record."""
@@ -214,6 +215,13 @@ class FileStream(grain.IterDataset):
     self.seed, self.cycle, self.num_epochs = seed, cycle, num_epochs
     self.shuffle_files = shuffle_files
     self.name = name or f"{len(self.paths)} files from {self.paths[0]!r}"
+    self.share = (0, 1)  # (worker index, worker count): this reader's files of each order
+
+  def set_worker_share(self, index: int, count: int) -> None:
+    """Reads only files index, index + count, ... of each epoch's order (a worker's)."""
+    if not 0 <= index < count <= len(self.paths):
+      raise ValueError(f"FileStream of {len(self.paths)} files: no share {index} of {count}")
+    self.share = (index, count)
 
   def empty_pass_message(self, reasons: collections.Counter[str]) -> str:
     """Why a pass over the files gave nothing to train on, naming the first files."""
@@ -227,9 +235,12 @@ class FileStream(grain.IterDataset):
             "the source kind.")
 
   def file_order(self, epoch: int) -> list[int]:
+    """The files (indices into `paths`) epoch `epoch` reads, in order: this share's."""
+    index, count = self.share
     if not self.shuffle_files:
-      return list(range(len(self.paths)))
-    return np.random.default_rng((self.seed, epoch)).permutation(len(self.paths)).tolist()
+      return list(range(len(self.paths)))[index::count]
+    order = np.random.default_rng((self.seed, epoch)).permutation(len(self.paths)).tolist()
+    return order[index::count]
 
   def __iter__(self) -> _FileStreamIterator:
     return _FileStreamIterator(self)
@@ -291,15 +302,23 @@ class MixedStream(grain.IterDataset):
 
 
 class _StrideIterator(grain.DatasetIterator):
+  """Positions k of the stream (split "records": every record read, those of this worker's
+  groups kept) or of this worker's files (split "files": each record read is this
+  worker's; its local number becomes the position it takes in the workers' round-robin)."""
 
-  def __init__(self, parent: grain.DatasetIterator, start: int, step: int, group: int):
+  def __init__(self, parent: grain.DatasetIterator, start: int, step: int, group: int,
+               split: str):
     super().__init__(parent)
     self._start, self._step, self._group, self._k = start, step, group, 0
+    self._split = split
 
   def _next_kept(self) -> tuple[int, dict]:
     while True:
       record = next(self._parent)
       k, self._k = self._k, self._k + 1
+      if self._split == "files":
+        g, j = divmod(k, self._group)
+        return (g * self._step + self._start) * self._group + j, record
       if (k // self._group) % self._step == self._start:
         return k, record
 
@@ -327,14 +346,36 @@ class WorkerStride(grain.IterDataset):
 
   With `group` > 1 it yields lists of the pairs of positions g * group ... g * group +
   group - 1 (group g; the last one shorter where the stream ends), and a worker keeps
-  whole groups.
+  whole groups. `split` says how workers share the stream (SPLITS): "records", every
+  worker reads every record and keeps its groups (the batches do not depend on the worker
+  count); "files", worker w of W reads only files w, w + W, ... of each epoch's order of
+  every FileStream below (no record is read twice: one worker's reads, not W), and its
+  groups take the positions of the workers' round-robin (the batches depend on W, as a
+  resume's fixed num_workers already requires).
   """
 
-  def __init__(self, parent: grain.IterDataset, group: int = 1):
+  def __init__(self, parent: grain.IterDataset, group: int = 1, split: str = "records"):
     super().__init__(parent)
     if group < 1:
       raise ValueError(f"WorkerStride: group {group} is not a positive record count")
-    self._start, self._step, self._group = 0, 1, group
+    if split not in SPLITS:
+      raise ValueError(f"WorkerStride: split {split!r}; expected one of {list(SPLITS)}")
+    if split == "files" and not self.file_streams():
+      raise ValueError("WorkerStride: split 'files' needs FileStreams below it")
+    self._start, self._step, self._group, self._split = 0, 1, group, split
+
+  def file_streams(self) -> list[FileStream] | None:
+    """The FileStreams below, or None if some record comes from anything else."""
+    streams, todo = [], [self._parent]
+    while todo:
+      ds = todo.pop()
+      if isinstance(ds, FileStream):
+        streams.append(ds)
+      elif ds.parents:
+        todo.extend(ds.parents)
+      else:
+        return None
+    return streams
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     """Keeps groups start, start + step, ...: called by `mp_prefetch` in each worker."""
@@ -342,13 +383,18 @@ class WorkerStride(grain.IterDataset):
       raise ValueError("WorkerStride supports strided worker slices only; "
                        "use mp_prefetch(sequential_slice=False)")
     self._start, self._step = sl.start or 0, sl.step or 1
+    if self._split == "files":
+      for stream in self.file_streams():
+        stream.set_worker_share(self._start, self._step)
 
-  def in_groups(self, size: int) -> WorkerStride:
-    """The same stream as lists of `size` consecutive pairs (unsliced)."""
-    return WorkerStride(self._parent, group=size)
+  def in_groups(self, size: int, split: str = "records") -> WorkerStride:
+    """The same stream as lists of `size` consecutive pairs (unsliced), shared by `split`."""
+    return WorkerStride(self._parent, group=size, split=split)
 
   def __iter__(self) -> _StrideIterator:
-    return _StrideIterator(self._parent.__iter__(), self._start, self._step, self._group)
+    return _StrideIterator(self._parent.__iter__(), self._start, self._step, self._group,
+                           self._split)
 
   def __str__(self) -> str:
-    return f"WorkerStride({self._start}::{self._step}, group={self._group})"
+    return (f"WorkerStride({self._start}::{self._step}, group={self._group}, "
+            f"split={self._split})")
