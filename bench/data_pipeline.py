@@ -25,8 +25,8 @@ so the CPU time per image is the cost that carries over to a host of one's own.
 3. The whole host pipeline as training runs it (ArrayRecord shards -> global shuffle ->
    decode -> resolution sampling -> resize -> patchify -> tokenize -> count -> pack, S/16,
    L = 1024, M = 16, B = 8 rows), with 0, 1 and 2 Grain worker processes in interleaved
-   rounds; then the same from webdataset tar shards of the same records (streamed: every
-   worker reads every record and decodes its share). Images/s counts images in the packed batches. With 0 workers the per-example
+   rounds; then the same from 4 webdataset tar shards of the same records (streamed, the
+   workers splitting the shards: config.data.stream_split "auto"). Images/s counts images in the packed batches. With 0 workers the per-example
    work runs on Grain's read threads in this process (decode and resize release the GIL),
    so it can use both cores; workers add the transfer to this process. Each pipeline's CPU
    time per image is set against the in-process pipeline's (what the transfer costs), with

@@ -15,7 +15,7 @@ def _group(value: int, rows: int = 6) -> list[np.ndarray]:
 
 
 def test_a_block_is_reused_only_after_its_last_view_is_gone():
-  worker, reader = WorkerBlocks(blocks=2, block_bytes=4096), BlockReader()
+  worker, reader = WorkerBlocks(blocks=2), BlockReader()
   first = worker.write(_group(1), (6, 4))
   second = worker.write(_group(2), (6, 4))
   assert first.name != second.name
@@ -35,13 +35,19 @@ def test_a_block_is_reused_only_after_its_last_view_is_gone():
   assert reader.blocks() == 2
 
 
-def test_a_group_larger_than_a_block_is_refused():
-  assert WorkerBlocks(blocks=1, block_bytes=128).write(_group(1, rows=40), (40, 4)) is None
+def test_a_free_block_too_small_is_replaced_by_a_larger_one():
+  worker, reader = WorkerBlocks(blocks=1), BlockReader()
+  small = worker.write(_group(1), (6, 4))
+  reader.array(small)  # viewed, then collected: FREE again
+  big = [np.full((1 << 20, 5), 7, np.uint8)]  # 5 MiB: more than the first block holds
+  ref = worker.write(big, (1 << 20, 5))
+  assert ref.name != small.name
+  np.testing.assert_array_equal(reader.array(ref)[-3:], 7)
 
 
 def _worker(conn, groups: int) -> None:
   """Sends `groups` groups through 3 blocks, waiting for a go after each."""
-  worker = WorkerBlocks(blocks=3, block_bytes=1 << 16)
+  worker = WorkerBlocks(blocks=3)
   for g in range(groups):
     ref = worker.write(_group(g % 251, rows=200), (200, 4))
     conn.send(ref)
