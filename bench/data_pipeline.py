@@ -26,11 +26,12 @@ so the CPU time per image is the cost that carries over to a host of one's own.
    decode -> resolution sampling -> resize -> patchify -> tokenize -> count -> pack, S/16,
    L = 1024, M = 16, B = 8 rows), with 0, 1 and 2 Grain worker processes in interleaved
    rounds; then the same from 4 webdataset tar shards of the same records (streamed, the
-   workers splitting the shards: config.data.stream_split "auto"). Images/s counts images in the packed batches. With 0 workers the per-example
-   work runs on Grain's read threads in this process (decode and resize release the GIL),
-   so it can use both cores; workers add the transfer to this process. Each pipeline's CPU
-   time per image is set against the in-process pipeline's (what the transfer costs), with
-   the main process's share of it (what one main process can serve).
+   workers splitting the shards: config.data.stream_split "auto"). Images/s counts images
+   in the packed batches. With 0 workers the per-example work runs on Grain's read threads
+   in this process (decode and resize release the GIL), so it can use both cores; workers
+   add the transfer to this process. Each pipeline's CPU time per image is set against the
+   in-process pipeline's (what the transfer costs), with the main process's share of it
+   (what one main process can serve).
 4. Consumption: images/s a train step takes on one accelerator for S/16 and B/16 (image
    tower at the same token counts plus a text tower at T = 64), from the FLOPs per image
    and an assumed sustained rate (default 400 TFLOP/s: an H100 at ~40% of its 989 TFLOP/s

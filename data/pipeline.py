@@ -396,10 +396,9 @@ def _examples(records: grain.MapDataset | grain.IterDataset, preprocess: Preproc
   Workers take records TRANSFER_GROUP at a time (random access: two groups in flight, the
   reads of one overlapping the decoding of the other, where Grain's default of 16 threads
   and 500 elements would hold 500 groups; streamed: a worker's share is whole groups of
-  consecutive positions, `WorkerStride.in_groups`, shared by `split`: see
-  `stream_split`), and send each group as one element,
-  which this process ungroups (navit_clip.data.pack_dataset, "Transfer"): the same
-  examples, in the same order.
+  consecutive positions, `WorkerStride.in_groups`, shared by `split`: see `stream_split`),
+  and send each group as one element, which this process ungroups
+  (navit_clip.data.pack_dataset, "Transfer"): the same examples, in the same order.
   """
   grouped = num_workers > 0
   if grouped and isinstance(records, grain.MapDataset):

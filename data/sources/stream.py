@@ -8,13 +8,15 @@
                     w of W keeps the groups g = w (mod W)
 
 Why WorkerStride: `mp_prefetch` gives each worker a slice of the dataset and reads the
-workers round-robin. Slicing a stream by files would make the order depend on the worker
-count; instead every worker reads the same (cheap, undecoded) records in the same order and
-keeps its share, so worker w emits groups w, w + W, ... and the round-robin restores
-groups 0, 1, 2, ..., hence positions k = 0, 1, 2, ..., exactly: batches do not depend on
-the worker count. Decoding, the expensive part, still happens once per record. Groups of
-several records let a worker send their examples as one element (navit_clip.data.
-pack_dataset, "Transfer").
+workers round-robin. WorkerStride turns that slice into a share of the stream, in one of
+two ways (SPLITS). "files": worker w of W reads only files w, w + W, ... of each epoch's
+order, so each record is read (and downloaded) once; the order depends on W. "records":
+every worker reads the same (undecoded) records in the same order and keeps its groups,
+so worker w emits groups w, w + W, ... and the round-robin restores groups 0, 1, 2, ...,
+hence positions k = 0, 1, 2, ..., exactly: batches do not depend on the worker count, at
+W reads of every file. Either way decoding, the expensive part, happens once per record.
+Groups of several records let a worker send their examples as one element
+(navit_clip.data.pack_dataset, "Transfer").
 
 A reader is a picklable object with `read(path, offset) -> iterator of (record,
 next_offset)`: records from the byte `offset` of the file, each with the offset at which
