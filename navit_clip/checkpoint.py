@@ -16,7 +16,8 @@ directory named by a number for a checkpoint. So:
   (`state_checksums`: no host copy, and any mesh restores and checks it), and the SHA-256
   of each process's iterator state;
 - a step directory without the commit marker is incomplete: never listed or restored,
-  and the writer (the trainer) sets it aside as `<step>.incomplete` when it opens;
+  and the writer (the trainer) sets it aside as `<step>.incomplete` when it opens (on
+  gs:// in `<directory>.set-aside/`, where Orbax does not delete it);
 - `restore` of the latest step restores the newest step that passes every check, falling
   back past damaged ones (a file that cannot be read, a checksum that does not match)
   with a warning naming the step and the fault; once an older step restored, the writer
@@ -26,10 +27,13 @@ directory named by a number for a checkpoint. So:
   another run's state: CheckpointMismatchError, no fallback.
 Checkpoints saved without checksums restore unverified, with a warning.
 
-A directory on an object store (s3://, ...) is mirrored: Orbax writes and reads a local
-staging folder, and navit_clip.checkpoint_mirror downloads the remote committed steps on
-opening and uploads each finished save, its commit marker last (see that module), in a
-background thread: training does not wait for the upload, the next save or `wait` does.
+The directory is local or a URL. Orbax writes local and gs:// directories itself (on
+GCS from every process of a multi-process run, as big_vision and MaxText runs do); another
+object store (s3://, ...) is mirrored: Orbax writes and reads a local staging folder, and
+navit_clip.checkpoint_mirror downloads the remote committed steps on opening and uploads
+each finished save, its commit marker last (see that module), in a background thread:
+training does not wait for the upload, the next save or `wait` does. Such a directory is
+for single-process runs (one process uploads).
 
 `restore_params` reads only the parameters (or a part of them) of a saved train state:
 evaluation and initialising from another run use it, and never read optimizer state.
@@ -53,10 +57,16 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from navit_clip import storage
-from navit_clip.checkpoint_mirror import CheckpointMirror
+from navit_clip.checkpoint_mirror import (  # committed_steps: the readers' listing too
+    CheckpointMirror, committed_steps)
 from navit_clip.errors import MissingInputError, UserError
 
 log = logging.getLogger(__name__)
+
+# Orbax's own paths (etils.epath) go through fsspec (gcsfs for gs://), as navit_clip.storage
+# does, not through TensorFlow's gfile: one GCS client, configured one way, for every file
+# of a run. A value set by the user wins.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, then renames the step in
 STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata file
@@ -186,6 +196,12 @@ def _brief(error: BaseException, limit: int = 240) -> str:
   return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
+def orbax_writes(directory: str) -> bool:
+  """Whether Orbax reads and writes `directory` itself: a local path, or gs:// (through
+  TensorStore's GCS driver, from every process of a run); other URLs are mirrored."""
+  return storage.scheme(directory) in ("", "gs")
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) under `directory`, verified."""
 
@@ -195,8 +211,9 @@ class Checkpointer:
     """Opens (or creates) `directory`.
 
     Args:
-      directory: the checkpoints' root; one subdirectory per step. A URL is mirrored
-        through a local staging folder (single-process runs only).
+      directory: the checkpoints' root; one subdirectory per step. A URL that Orbax
+        cannot write (not gs://) is mirrored through a local staging folder
+        (single-process runs only).
       max_to_keep: keep the last K checkpoints (None: all) ...
       keep_period: ... and every checkpoint whose step is a multiple of this, forever.
       async_save: write in a background thread; `save` blocks only to copy to the host.
@@ -206,7 +223,7 @@ class Checkpointer:
         in progress).
     """
     self.directory = storage.absolute(directory)
-    self._mirror = None if storage.is_local(self.directory) else self._open_mirror()
+    self._mirror = None if orbax_writes(self.directory) else self._open_mirror()
     # A mirrored save is uploaded by one background thread once Orbax has finished it, so
     # neither training nor the next save waits for the upload, and a run killed between
     # saves has its last finished save on the remote.
@@ -231,8 +248,10 @@ class Checkpointer:
   def _open_mirror(self) -> CheckpointMirror:
     """The mirror of remote `self.directory`, pulled; Orbax then works in its staging."""
     if jax.process_count() > 1:
-      raise UserError(f"checkpoint directory {self.directory!r}: a multi-process run needs "
-                      "a shared local checkpoint directory (URLs are mirrored by one process)")
+      raise UserError(f"checkpoint directory {self.directory!r}: a multi-process run keeps "
+                      "its checkpoints where every process writes: gs:// or a shared local "
+                      f"directory ({storage.scheme(self.directory)}:// is mirrored by one "
+                      "process)")
     mirror = CheckpointMirror(self.directory)
     mirror.pull()
     log.info("checkpoints of %s are staged in %s", mirror.remote, mirror.staging)
@@ -428,15 +447,19 @@ class Checkpointer:
   def _set_aside(self, name: str, why: str, fault: str) -> None:
     """Renames step directory `name` to `name.why` (or `name.why.K`), out of Orbax's sight.
 
-    The directory is local (a URL's Checkpointer works in its local staging folder).
+    On gs:// Orbax takes every folder of the directory without a commit marker for an
+    unfinished save of its own and deletes it, so there the step goes to the sibling
+    folder `<directory>.set-aside/` (by a copy and a deletion). A mirror's Checkpointer
+    works in its local staging folder.
     """
-    base = os.path.join(self.directory, name)
-    target, k = f"{base}.{why}", 1
-    while os.path.exists(target):
-      target, k = f"{base}.{why}.{k}", k + 1
-    os.rename(base, target)
+    base = storage.join(self.directory, name)
+    aside = self.directory if storage.is_local(self.directory) else f"{self.directory}.set-aside"
+    target, k = storage.join(aside, f"{name}.{why}"), 1
+    while storage.exists(target):
+      target, k = storage.join(aside, f"{name}.{why}.{k}"), k + 1
+    storage.move(base, target)
     log.warning("checkpoint step %s in %s is %s (%s); set aside as %s", name, self.directory,
-                why, fault, os.path.basename(target))
+                why, fault, target)
 
   def _set_aside_damaged(self, damaged: list[tuple[int, DamagedCheckpointError]]) -> None:
     """The writer moves the damaged steps out of the way (a later save may need the name)."""
@@ -458,6 +481,15 @@ class Checkpointer:
     if self._uploader is not None:
       self._uploader.shutdown()
     self._manager.close()
+
+
+def step_dir(directory: str, step: int) -> str:
+  """A folder Orbax reads committed step `step` of checkpoint directory `directory` from:
+  the step itself (local, gs://), or its copy in the mirror's staging folder (another URL;
+  only that step is downloaded, and only if the copy there is not the same)."""
+  if orbax_writes(directory):
+    return storage.join(directory, str(step))
+  return CheckpointMirror(directory).fetch(step)
 
 
 def restore_params(state_dir: str, abstract_params, shardings=None):

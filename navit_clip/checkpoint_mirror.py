@@ -1,14 +1,15 @@
-"""Checkpoints on an object store (s3://, gs://, ...), mirrored through a local folder.
+"""Checkpoints on an object store Orbax cannot write (s3://, ...), mirrored through a local
+folder.
 
-Orbax 0.12 cannot write every object store itself (its path layer goes through
-TensorFlow's gfile when TensorFlow is installed, which has no s3), so the Checkpointer of
-a remote directory lets Orbax write into a local staging folder and this module keeps the
-remote copy:
-- `pull` (on opening) makes the staging folder hold exactly the remote committed steps:
-  a step is downloaded unless the staging folder already holds it with the same
+Orbax 0.12 writes local folders and gs:// (TensorStore's GCS driver) itself; for other
+object stores (s3://, ...) the Checkpointer lets Orbax write into a local staging folder
+and this module keeps the remote copy:
+- `pull` (a writer, on opening) makes the staging folder hold exactly the remote committed
+  steps: a step is downloaded unless the staging folder already holds it with the same
   _CHECKPOINT_METADATA (which carries the step's checksums); local steps the remote does
   not hold committed are deleted. The restore then runs on the local copy, checked as
-  any local checkpoint (checksums, fallback past damaged steps).
+  any local checkpoint (checksums, fallback past damaged steps). `fetch` (a reader:
+  evaluation, initialising from a run) downloads one step the same way.
 - `push` (once a save has finished) uploads a step's files, its commit marker last: an
   interrupted upload leaves a step without the marker, which is never listed or
   restored, and which the next upload of that step replaces whole.
@@ -17,8 +18,9 @@ remote copy:
 
 The staging folder is $NAVIT_CLIP_CACHE/checkpoints/<sha256 of the URL> (default cache
 ~/.cache/navit_clip). One process writes: Orbax's multi-process saves need one directory
-that every process sees, so a multi-process run needs a shared local (or network-mounted)
-checkpoint directory. `navit_clip.checkpoint` uploads each step from a background thread.
+that every process sees, so a multi-process run keeps its checkpoints on gs:// or in a
+shared local (or network-mounted) directory. `navit_clip.checkpoint` uploads each step
+from a background thread.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ STEP_METADATA = "_CHECKPOINT_METADATA"
 def staging_dir(remote: str) -> str:
   """The local folder that mirrors checkpoint directory URL `remote`."""
   return os.path.join(storage.cache_root(), "checkpoints", storage.url_digest(remote))
+
+
+def committed_steps(directory: str) -> list[int]:
+  """The steps of checkpoint directory `directory` (local or a URL) that hold their commit
+  marker, ascending; [] for a directory that does not exist."""
+  if not storage.isdir(directory):
+    return []
+  return sorted(int(name) for name in storage.listdir(directory) if name.isdigit()
+                and storage.isfile(storage.join(directory, name, COMMIT_MARKER)))
 
 
 def _remote_files(remote_dir: str) -> list[str]:
@@ -60,10 +71,7 @@ class CheckpointMirror:
 
   def remote_steps(self) -> list[int]:
     """The steps of the remote directory that hold their commit marker, ascending."""
-    if not storage.isdir(self.remote):
-      return []
-    return sorted(int(name) for name in storage.listdir(self.remote) if name.isdigit()
-                  and storage.isfile(storage.join(self.remote, name, COMMIT_MARKER)))
+    return committed_steps(self.remote)
 
   def _local_matches(self, step: int) -> bool:
     local = os.path.join(self.staging, str(step))
@@ -83,9 +91,15 @@ class CheckpointMirror:
       if name.split(".")[0].isdigit() and (not name.isdigit() or int(name) not in steps):
         shutil.rmtree(os.path.join(self.staging, name), ignore_errors=True)
     for step in steps:
-      if not self._local_matches(step):
-        self._download(step)
+      self.fetch(step)
     return steps
+
+  def fetch(self, step: int) -> str:
+    """The local copy of remote committed step `step` (downloaded unless the staging
+    folder already holds it); returns its folder."""
+    if not self._local_matches(step):
+      self._download(step)
+    return os.path.join(self.staging, str(step))
 
   def _download(self, step: int) -> None:
     """Step `step` into the staging folder, its commit marker last."""

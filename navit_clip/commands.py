@@ -17,6 +17,7 @@ import os
 
 import ml_collections
 
+from navit_clip import storage
 from navit_clip.errors import UserError, as_user_errors
 
 CLI_EVAL = "cli"  # the name of the evaluator that --zeroshot / --retrieval add
@@ -118,9 +119,8 @@ def run_eval(args: argparse.Namespace, overrides: list[str]) -> dict:
   _validated(config)
   results = run_all(restored.model, config, names, workdir=restored.workdir)
   report = {"workdir": restored.workdir, "step": restored.step, "evals": results}
-  path = os.path.join(restored.workdir, f"eval_step{restored.step}.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  storage.write_atomic(storage.join(restored.workdir, f"eval_step{restored.step}.json"),
+                       json.dumps(report, indent=2))
   print(json.dumps(report, indent=2))
   return report
 

@@ -24,7 +24,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from navit_clip.checkpoint import Checkpointer, restore_params
+from navit_clip import storage
+from navit_clip.checkpoint import committed_steps, restore_params, step_dir
 from navit_clip.choices import check_range
 from navit_clip.param_rules import flatten_names
 
@@ -58,30 +59,29 @@ def _under(name: str, prefix: str) -> str | None:
 
 
 def resolve_state_dir(checkpoint: str, step: int) -> tuple[str, int]:
-  """(the "state" directory to read, its step) of config.init.checkpoint and .step."""
-  path = os.path.abspath(checkpoint)
-  if not os.path.isdir(path):
+  """(the "state" directory Orbax reads, its step) of config.init.checkpoint and .step.
+
+  The checkpoint may be local or a URL; on an object store Orbax cannot read (not gs://)
+  the step is downloaded (only that step, see navit_clip.checkpoint.step_dir)."""
+  path = storage.absolute(checkpoint).rstrip("/")
+  if not storage.isdir(path):
     raise FileNotFoundError(f"config.init.checkpoint = {checkpoint!r} is not a directory")
-  if os.path.isdir(os.path.join(path, "state")):
+  if storage.isdir(storage.join(path, "state")):
     name = os.path.basename(path)
     if not name.isdigit():
       raise ValueError(f"config.init.checkpoint = {checkpoint!r} holds a 'state' item but is "
                        "not a step directory (named by its step)")
-    return os.path.join(path, "state"), int(name)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  ckpt = Checkpointer(path)
-  try:
-    steps = sorted(ckpt.all_steps())
-  finally:
-    ckpt.close()
+    return storage.join(step_dir(os.path.dirname(path), int(name)), "state"), int(name)
+  if storage.isdir(storage.join(path, "checkpoints")):
+    path = storage.join(path, "checkpoints")
+  steps = committed_steps(path)
   if not steps:
     raise FileNotFoundError(f"config.init.checkpoint = {checkpoint!r}: no complete "
                             f"checkpoint in {path}")
   step = steps[-1] if step < 0 else step
   if step not in steps:
     raise ValueError(f"config.init.step = {step}: no such checkpoint in {path}; steps: {steps}")
-  return os.path.join(path, str(step), "state"), step
+  return storage.join(step_dir(path, step), "state"), step
 
 
 def _saved_shapes(state_dir: str) -> dict[str, tuple[int, ...]]:
@@ -119,7 +119,7 @@ def load_params(c: ml_collections.ConfigDict, params: Any, shardings: Any) -> An
     `shardings`), the others unchanged.
   """
   state_dir, step = resolve_state_dir(c.checkpoint, c.step)
-  where = f"checkpoint {os.path.dirname(state_dir)} (step {step})"
+  where = f"checkpoint {c.checkpoint} (step {step})"
   saved = _saved_shapes(state_dir)
   names = jax.tree.leaves(flatten_names(params))
   leaves = dict(zip(names, jax.tree.leaves(params)))

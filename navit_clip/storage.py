@@ -55,6 +55,15 @@ def _fs(path: str):
   return fsspec.core.url_to_fs(path)
 
 
+def _fresh_fs(path: str):
+  """`_fs(path)` with the filesystem's cached listings dropped: other writers (Orbax's
+  TensorStore, the other processes of a run, other hosts) change the store behind fsspec's
+  back, so every question about what exists asks the store."""
+  fs, p = _fs(path)
+  fs.invalidate_cache()
+  return fs, p
+
+
 def join(base: str, *parts: str) -> str:
   """`base`/parts: os.path.join locally, "/"-joined for URLs."""
   if is_local(base):
@@ -72,7 +81,7 @@ def exists(path: str) -> bool:
     return os.path.exists(path)
   if scheme(path) == "pipe":
     return True  # known only once the command runs
-  fs, p = _fs(path)
+  fs, p = _fresh_fs(path)
   return fs.exists(p)
 
 
@@ -82,7 +91,7 @@ def isfile(path: str) -> bool:
     return os.path.isfile(path)
   if scheme(path) == "pipe":
     return True
-  fs, p = _fs(path)
+  fs, p = _fresh_fs(path)
   return fs.isfile(p)
 
 
@@ -90,7 +99,7 @@ def isdir(path: str) -> bool:
   """Whether `path` is a folder (on an object store: a prefix holding objects)."""
   if is_local(path):
     return os.path.isdir(path)
-  fs, p = _fs(path)
+  fs, p = _fresh_fs(path)
   return fs.isdir(p)
 
 
@@ -98,7 +107,7 @@ def size(path: str) -> int:
   """The size of file `path` in bytes."""
   if is_local(path):
     return os.path.getsize(path)
-  fs, p = _fs(path)
+  fs, p = _fresh_fs(path)
   return int(fs.size(p))
 
 
@@ -106,7 +115,7 @@ def listdir(path: str) -> list[str]:
   """The names (not paths) of the entries of folder `path`, sorted."""
   if is_local(path):
     return sorted(os.listdir(path))
-  fs, p = _fs(path)
+  fs, p = _fresh_fs(path)
   return sorted(os.path.basename(e.rstrip("/")) for e in fs.ls(p, detail=False))
 
 
@@ -120,7 +129,7 @@ def glob(pattern: str, *, files_only: bool = False) -> list[str]:
   if scheme(pattern) in _STREAMED + ("pipe",):
     raise ValueError(f"{pattern!r}: {scheme(pattern)} paths cannot be globbed; list the "
                      "files or use braces ({00000..00099})")
-  fs, p = _fs(pattern)
+  fs, p = _fresh_fs(pattern)
   matches = fs.glob(p, detail=True)
   return sorted(fs.unstrip_protocol(m) for m, info in matches.items()
                 if not files_only or info.get("type") == "file")
@@ -136,7 +145,7 @@ def walk_files(path: str) -> list[str]:
       dirnames.sort()
       out.extend(os.path.join(root, name) for name in sorted(filenames))
     return out
-  fs, p = _fs(path)
+  fs, p = _fresh_fs(path)
   root = p.rstrip("/")
 
   def walk_order(found: str) -> tuple:
@@ -159,6 +168,22 @@ def remove(path: str) -> None:
     return
   fs, p = _fs(path)
   fs.rm_file(p)
+
+
+def move(src: str, dst: str) -> None:
+  """Renames file or folder `src` to `dst` (same store): os.rename locally; on an object
+  store, a copy of each object under the prefix (server-side), then the deletion of the
+  originals once every copy is made (not the stores' newer atomic move of single objects,
+  which not every S3 or GCS API server implements)."""
+  if is_local(src):
+    os.rename(src, dst)
+    return
+  fs, p = _fresh_fs(src)
+  target = _fs(dst)[1].rstrip("/")
+  root = p.rstrip("/")
+  for found in fs.find(root):
+    fs.copy(found, target + found[len(root):])
+  fs.rm(root, recursive=True)
 
 
 def open(path: str, mode: str = "rb", *, encoding: str | None = None) -> IO:
@@ -313,7 +338,7 @@ def remove_tree(path: str) -> None:
     if os.path.exists(path):
       shutil.rmtree(path)
     return
-  fs, p = _fs(path)
+  fs, p = _fresh_fs(path)
   if fs.exists(p):
     fs.rm(p, recursive=True)
 

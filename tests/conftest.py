@@ -1,6 +1,9 @@
-"""Shared fixtures: a demo tokenizer and tiny demo configs (CPU, seconds per run)."""
+"""Shared fixtures: a demo tokenizer and tiny demo configs (CPU, seconds per run), and
+object-store servers on localhost (tests/object_stores.py), one per test module."""
 
 import pytest
+
+import object_stores
 
 from navit_clip.config_loading import load_config
 from navit_clip.data.sources.demo import caption_corpus
@@ -60,3 +63,23 @@ def trained_demo_workdir(demo_tokenizer_path, tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp("trained_demo"))
   train(c, workdir)
   return workdir
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+  with pytest.MonkeyPatch.context() as mp:
+    yield mp
+
+
+@pytest.fixture(scope="module")
+def s3(monkeypatch_module):
+  """A moto S3 server on localhost with bucket "bkt"; yields "s3://bkt"."""
+  with object_stores.s3_server(monkeypatch_module) as url:
+    yield url
+
+
+@pytest.fixture(scope="module")
+def gs(monkeypatch_module):
+  """gcp-storage-emulator on localhost with bucket "bkt"; yields "gs://bkt"."""
+  with object_stores.gcs_server(monkeypatch_module) as url:
+    yield url

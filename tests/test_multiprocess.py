@@ -31,9 +31,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(tmp_path, tokenizer, name, devices, *dist_args):
+def _start(tmp_path, tokenizer, name, devices, *dist_args, workdir=None):
+  """Starts `_child_main` in a process; (the process, the path of its JSON result)."""
   out = tmp_path / f"{name}.json"
-  workdir = tmp_path / name.split("-")[0]
+  workdir = workdir or tmp_path / name.split("-")[0]
   args = [sys.executable, __file__, tokenizer, str(workdir), str(out), str(devices),
           *map(str, dist_args)]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -125,14 +126,49 @@ def test_finite_data_ends_two_processes_at_the_same_step(demo_tokenizer_path, tm
   assert all(r["data_ended"] for r in results)
 
 
+def _wait_all(tmp_path, runs, names, timeout):
+  for (proc, _), name in zip(runs, names):
+    try:
+      code = proc.wait(timeout=timeout)
+    finally:
+      proc.kill()
+    assert code == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+  return [json.loads(out.read_text()) for _, out in runs]
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_on_gs_and_resume_like_one_unbroken_process(
+    demo_tokenizer_path, tmp_path, gs, monkeypatch):
+  """Both processes write their shards of each checkpoint to a gs:// workdir (the GCS
+  emulator; Orbax through TensorStore's GCS driver, nothing staged locally), and two new
+  processes resume from it: the losses are those of one unbroken process."""
+  from navit_clip import storage
+
+  monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache"))
+  workdir = f"{gs}/runs/two"
+  port = _free_port()
+  runs = [_start(tmp_path, demo_tokenizer_path, "single", 8, "", 0, -1, 0, 2 * STEPS)]
+  runs += [_start(tmp_path, demo_tokenizer_path, f"first-{i}", 4, f"localhost:{port}", 2, i,
+                  0, STEPS, workdir=workdir) for i in range(2)]
+  single, first, _ = _wait_all(tmp_path, runs, ("single", "first-0", "first-1"), 300)
+  assert storage.listdir(f"{workdir}/checkpoints") == [str(STEPS)]
+  port = _free_port()
+  runs = [_start(tmp_path, demo_tokenizer_path, f"second-{i}", 4, f"localhost:{port}", 2, i,
+                 0, 2 * STEPS, workdir=workdir) for i in range(2)]
+  second, _ = _wait_all(tmp_path, runs, ("second-0", "second-1"), 300)
+  np.testing.assert_allclose(first["losses"] + second["losses"], single["losses"], rtol=RTOL)
+  assert storage.listdir(f"{workdir}/checkpoints") == [str(STEPS), str(2 * STEPS)]
+  assert not (tmp_path / "cache" / "checkpoints").exists()
+
+
 def _child_main(tokenizer, workdir, out, devices, coordinator="", num_processes=0,
-                process_id=-1, num_epochs=0):
+                process_id=-1, num_epochs=0, steps=STEPS):
   jax.config.update("jax_num_cpu_devices", int(devices))
   from conftest import tiny_demo_config
   from navit_clip.train import train
 
   epochs = int(num_epochs)
-  config = tiny_demo_config(tokenizer, steps=1000 if epochs else STEPS)
+  config = tiny_demo_config(tokenizer, steps=1000 if epochs else int(steps))
   config.data.batch_size = 8
   config.data.shard_by_process = bool(epochs)
   config.data.num_epochs = epochs

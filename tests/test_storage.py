@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import socket
 import tarfile
 import threading
 import time
@@ -39,54 +38,6 @@ def _shard(keys: list[str]) -> bytes:
 
 def _captions(path: str) -> list[bytes]:
   return [r["caption"] for r, _ in TarReader().read(path, 0) if "caption" in r]
-
-
-@pytest.fixture(scope="module")
-def s3(monkeypatch_module):
-  """A moto S3 server on a free localhost port with bucket "bkt"; yields "s3://bkt"."""
-  moto_server = pytest.importorskip("moto.server")
-  server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-  server.start()
-  host, port = server.get_host_and_port()
-  for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-    monkeypatch_module.setenv(k, v)
-  import boto3
-
-  boto3.client("s3").create_bucket(Bucket="bkt")
-  yield "s3://bkt"
-  server.stop()
-
-
-@pytest.fixture(scope="module")
-def gs(monkeypatch_module):
-  """gcp-storage-emulator on a free localhost port with bucket "bkt"; yields "gs://bkt".
-
-  gcsfs's experimental bucket-layout lookup (gRPC, which the emulator does not serve)
-  is turned off: it would wait a minute per bucket before falling back to JSON calls."""
-  emulator = pytest.importorskip("gcp_storage_emulator.server")
-  monkeypatch_module.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-  gcsfs_core = pytest.importorskip("gcsfs.core")
-  import fsspec
-
-  previous = fsspec.get_filesystem_class("gs")
-  fsspec.register_implementation("gs", gcsfs_core.GCSFileSystem, clobber=True)
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bkt")
-  server.start()
-  monkeypatch_module.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-  yield "gs://bkt"
-  server.stop()
-  fsspec.register_implementation("gs", previous, clobber=True)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-  with pytest.MonkeyPatch.context() as mp:
-    yield mp
 
 
 @pytest.fixture(scope="module")
@@ -368,8 +319,9 @@ def test_gs_metrics_workdir(gs):
 
 
 def test_gs_training_workdir_checkpoints_and_resumes(gs, tiny_config, tmp_path, monkeypatch):
-  """A gs:// workdir (the emulator): checkpoints go up through the mirror, and a resume on
-  another machine (an empty cache) continues the unbroken run's losses."""
+  """A gs:// workdir (the emulator): Orbax writes the checkpoints there itself (TensorStore's
+  GCS driver; nothing staged locally), and a resume on another machine (an empty cache)
+  continues the unbroken run's losses."""
   from navit_clip.train import train
 
   config = tiny_config(steps=6)
@@ -384,7 +336,65 @@ def test_gs_training_workdir_checkpoints_and_resumes(gs, tiny_config, tmp_path, 
   config.train.total_steps = 6
   assert train(config, run).losses == local.losses[3:]
   assert storage.listdir(f"{run}/checkpoints") == ["3", "6"]
+  assert not any((tmp_path / cache / "checkpoints").exists() for cache in ("cache_a", "cache_b"))
   assert not os.path.exists("gs:")
+
+
+def test_a_gs_checkpoint_writer_sets_an_incomplete_step_aside_there(gs):
+  """A step without its commit marker (a save cut off) is moved aside on the store itself,
+  out of the directory (where Orbax would delete it as an unfinished save of its own)."""
+  from navit_clip.checkpoint import Checkpointer
+
+  directory = f"{gs}/runs/cut/checkpoints"
+  storage.write_atomic(f"{directory}/5/state/manifest.ocdbt", b"half a save")
+  ckpt = Checkpointer(directory, writer=True)
+  ckpt.close()
+  assert not storage.exists(f"{directory}/5")
+  assert storage.listdir(f"{directory}.set-aside") == ["5.incomplete"]
+  assert storage.read_bytes(f"{directory}.set-aside/5.incomplete/state/manifest.ocdbt") == (
+      b"half a save")
+
+
+def test_a_multi_process_run_refuses_a_mirrored_checkpoint_directory(s3, monkeypatch):
+  """One process uploads a mirror: several would race, so an s3:// checkpoint directory in
+  a multi-process run is one line that names the ways that work."""
+  import jax
+
+  from navit_clip.checkpoint import Checkpointer
+  from navit_clip.errors import UserError
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(UserError, match=r"s3://bkt/mp/checkpoints.*gs:// or a shared local"):
+    Checkpointer(f"{s3}/mp/checkpoints", writer=True)
+
+
+def test_eval_and_init_read_checkpoints_from_s3_and_gs_workdirs(s3, gs, imported_workdir,
+                                                                 tmp_path, monkeypatch):
+  """restore_model (eval, embed, export) and config.init read a workdir on an object store
+  as the local one: gs:// straight through Orbax, s3:// through one downloaded step."""
+  import jax
+  from flax import nnx
+
+  from navit_clip import init_from
+  from navit_clip.evaluate.restore import checkpoint_steps, restore_model
+
+  monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache"))
+  local = restore_model(imported_workdir)
+  want = jax.tree.leaves(nnx.to_pure_dict(nnx.state(local.model, nnx.Param)))
+  for store in (s3, gs):
+    run = f"{store}/imported"
+    storage.upload_dir(imported_workdir, run)
+    assert checkpoint_steps(run) == checkpoint_steps(imported_workdir) == [local.step]
+    remote = restore_model(run)
+    assert remote.workdir == run and remote.step == local.step
+    got = jax.tree.leaves(nnx.to_pure_dict(nnx.state(remote.model, nnx.Param)))
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_array_equal(a, b)
+    state_dir, step = init_from.resolve_state_dir(run, -1)
+    assert step == local.step
+    assert state_dir.startswith(run if store == gs else str(tmp_path / "cache"))
+  staged = glob.glob(str(tmp_path / "cache" / "checkpoints" / "*"))
+  assert len(staged) == 1  # the s3:// step, downloaded once for both readers
 
 
 # --- folders, embeddings and exports on an object store -----------------------------

@@ -8,11 +8,12 @@ report is a Markdown table and a PNG with accuracy against tokens and against im
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from navit_clip import storage
 from navit_clip.evaluate import zeroshot
 from navit_clip.evaluate.embedder import Embedder, embed_packed
 
@@ -51,8 +52,9 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
-  """Writes a PNG: top-1 against mean tokens per image, and against images/s."""
+def plot(rows: list[dict], out, title: str) -> None:
+  """Writes a PNG to `out` (a local path or a binary file): top-1 against mean tokens per
+  image, and against images/s."""
   import matplotlib  # plotting is loaded only when a report is written
   import matplotlib.ticker
   matplotlib.use("Agg")
@@ -77,16 +79,18 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.grid(True, alpha=0.3)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(out, dpi=100, format="png")
   plt.close(fig)
 
 
 def write_report(rows: list[dict], workdir: str, name: str) -> dict[str, str]:
-  """Writes `resolutions_<name>.md` and `.png` into `workdir`; returns their paths."""
-  os.makedirs(workdir, exist_ok=True)
-  md = os.path.join(workdir, f"resolutions_{name}.md")
-  png = os.path.join(workdir, f"resolutions_{name}.png")
-  with open(md, "w", encoding="utf-8") as f:
-    f.write(table(rows))
-  plot(rows, png, f"{name}: zero-shot accuracy against patch budget")
+  """Writes `resolutions_<name>.md` and `.png` into `workdir` (local or a URL); returns
+  their paths."""
+  storage.makedirs(workdir)
+  md = storage.join(workdir, f"resolutions_{name}.md")
+  png = storage.join(workdir, f"resolutions_{name}.png")
+  storage.write_atomic(md, table(rows))
+  image = io.BytesIO()
+  plot(rows, image, f"{name}: zero-shot accuracy against patch budget")
+  storage.write_atomic(png, image.getvalue())
   return {"table": md, "plot": png}

@@ -17,7 +17,7 @@ import ml_collections
 from flax import nnx
 
 from navit_clip import storage
-from navit_clip.checkpoint import Checkpointer, restore_params
+from navit_clip.checkpoint import committed_steps, restore_params, step_dir
 from navit_clip.config_defaults import default_config
 from navit_clip.errors import MissingInputError, UserError, as_user_errors
 from navit_clip.model import build_model
@@ -52,27 +52,22 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """The complete checkpoint steps in `workdir/checkpoints`, ascending."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    return []
-  ckpt = Checkpointer(directory)
-  try:
-    return sorted(ckpt.all_steps())
-  finally:
-    ckpt.close()
+  """The complete checkpoint steps in `workdir/checkpoints` (local or a URL), ascending."""
+  return committed_steps(storage.join(storage.absolute(workdir), "checkpoints"))
 
 
 def restore_model(workdir: str, step: int | None = None) -> Restored:
-  """The model trained in `workdir` at checkpoint `step` (the latest if None).
+  """The model trained in `workdir` (local or a URL) at checkpoint `step` (the latest if
+  None).
 
-  `workdir` may be relative (Orbax needs absolute paths; it is made absolute here).
+  `workdir` may be relative (Orbax needs absolute paths; it is made absolute here). On an
+  object store Orbax cannot read (not gs://), only that step is downloaded.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   config = load_config(workdir)
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise MissingInputError(f"no complete checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    raise MissingInputError(f"no complete checkpoint in {storage.join(workdir, 'checkpoints')}")
   step = steps[-1] if step is None else int(step)
   if step not in steps:
     raise UserError(f"no checkpoint at step {step} in {workdir!r}; steps: {steps}")
@@ -80,7 +75,7 @@ def restore_model(workdir: str, step: int | None = None) -> Restored:
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   if jax.tree.leaves(rest):  # non-parameter state (e.g. RNG keys) is built, not restored
     _, _, rest = nnx.split(build_model(config, rngs=nnx.Rngs(config.seed)), nnx.Param, ...)
-  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+  state_dir = storage.join(step_dir(storage.join(workdir, "checkpoints"), step), "state")
   params = restore_params(state_dir, nnx.to_pure_dict(params))
   model = nnx.merge(graphdef, params, rest)
   return Restored(model=model, config=config, step=step, workdir=workdir)
