@@ -4,7 +4,8 @@
 export and `config.init` read the result as they read a trained run:
   workdir/config.json       the defaults with the checkpoint's towers, its tokenizer and
                             the inference resolution policy of its image processor
-  workdir/tokenizer.model   the checkpoint's SentencePiece model, copied
+  workdir/tokenizer.model   the checkpoint's SentencePiece model, copied; config.json names
+                            it relative to the workdir (navit_clip.workdir)
   workdir/checkpoints/0/    one Orbax checkpoint: the state {"params", "step": 0}
 Formats: transformers SigLIP, SigLIP 2 and SigLIP 2 NaFlex folders (config.json +
 model.safetensors + spiece.model or tokenizer.model, optionally preprocessor_config.json;
@@ -23,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +32,14 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
+from navit_clip import storage
 from navit_clip.checkpoint import Checkpointer
 from navit_clip.config_defaults import default_config
 from navit_clip.errors import MissingInputError, UserError
 from navit_clip.model import build_model
 from navit_clip import big_vision_siglip, transformers_siglip
 from navit_clip.transformers_siglip import TOKENIZER_FILES, Architecture, TokenizerFiles
+from navit_clip.workdir import WORKDIR_TOKENIZER, save_config
 
 log = logging.getLogger(__name__)
 TRANSFORMERS_FILES = ("config.json", "model.safetensors")
@@ -175,28 +177,27 @@ def import_checkpoint(src: str, workdir: str, tokenizer: str | None = None
 
   Args:
     src: a transformers folder, a file in one, or a Hub model id; or a big_vision .npz.
-    workdir: the workdir to write; it must hold no checkpoints.
+    workdir: the workdir to write, a local folder or a URL (gs://, s3://); it must hold no
+      checkpoints.
     tokenizer: the SentencePiece model of a big_vision .npz (default: beside it).
   Returns:
-    The config written to workdir/config.json.
+    The config written to workdir/config.json, its tokenizer path the workdir's copy
+    (absolute; config.json names it relative to the workdir).
   Raises:
     UserError: `src` is not a checkpoint this module reads (naming the file and what is
       wrong), or `workdir` already holds checkpoints.
   """
-  workdir = os.path.abspath(workdir)
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+  workdir = storage.absolute(workdir)
+  checkpoints = storage.join(workdir, "checkpoints")
+  if storage.isdir(checkpoints) and storage.listdir(checkpoints):
     raise UserError(f"{checkpoints} already holds checkpoints; import into a new workdir")
   source = (_big_vision_source(src, tokenizer) if src.endswith(".npz")
             else _transformers_source(src, tokenizer))
   config = _imported_config(source)
   params = _checked_params(config, source.params)
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer_path = os.path.join(workdir, "tokenizer.model")
-  shutil.copyfile(source.tokenizer.model_path, tokenizer_path)
-  _set_tokenizer(config, tokenizer_path, source.tokenizer.pad_piece)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  _set_tokenizer(config, source.tokenizer.model_path, source.tokenizer.pad_piece)
+  save_config(config, workdir)
+  config.data.tokenizer.path = storage.join(workdir, WORKDIR_TOKENIZER)
   ckpt = Checkpointer(checkpoints, max_to_keep=None, async_save=False)
   try:
     ckpt.save_and_wait(0, {"params": params, "step": jnp.zeros((), jnp.int32)})

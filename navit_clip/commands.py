@@ -42,10 +42,19 @@ def run_train(args: argparse.Namespace, overrides: list[str]) -> None:
   train(_validated(config), args.workdir)
 
 
+def _local_workdir(command: str, workdir: str) -> None:
+  """Refuses a URL --workdir for `command`, whose reports and plots are local files."""
+  if not storage.is_local(workdir):
+    raise UserError(f"--workdir {workdir}: `navit-clip {command}` writes its report and plots "
+                    "into a local folder; give a local path (train, import, eval, embed and "
+                    "export take URLs)")
+
+
 def run_demo(args: argparse.Namespace, overrides: list[str]) -> dict[str, dict]:
   """The demo in --workdir (see navit_clip.demo); returns the zero-shot report."""
   from navit_clip import demo
 
+  _local_workdir("demo", args.workdir)
   config = _validated(demo.demo_config(args.workdir, overrides))
   return demo.run_demo(args.workdir, config)
 
@@ -56,6 +65,7 @@ def run_study(args: argparse.Namespace, overrides: list[str]) -> dict:
   from navit_clip import study
   from navit_clip.config_loading import apply_overrides, load_config
 
+  _local_workdir("study", args.workdir)
   config = load_config("study:navit")  # the overrides are checked once, before any run
   apply_overrides(config, overrides)
   _validated(config)
@@ -201,7 +211,7 @@ def run_import(args: argparse.Namespace, overrides: list[str]) -> dict:
   from navit_clip.checkpoint_import import import_checkpoint
 
   config = import_checkpoint(args.source, args.workdir, tokenizer=args.tokenizer or None)
-  summary = {"workdir": os.path.abspath(args.workdir),
+  summary = {"workdir": storage.absolute(args.workdir),
              "image": config.model.image.variant, "text": config.model.text.variant,
              "inference_resolution": config.inference_resolution,
              "tokenizer": config.data.tokenizer.path}

@@ -76,6 +76,13 @@ def absolute(path: str) -> str:
   return os.path.abspath(os.path.expanduser(path)) if is_local(path) else path
 
 
+def parent(path: str) -> str:
+  """The folder holding file `path`: absolute locally, the URL up to its last "/"."""
+  if is_local(path):
+    return os.path.dirname(absolute(path))
+  return path.rstrip("/").rsplit("/", 1)[0]
+
+
 def exists(path: str) -> bool:
   if is_local(path):
     return os.path.exists(path)

@@ -38,10 +38,10 @@ from navit_clip.model import build_model
 from navit_clip.optim import frozen_mask, make_optimizer, make_schedule, merge_params, split_frozen
 from navit_clip.preemption import PreemptionGuard
 from navit_clip.throughput import Throughput
+from navit_clip.workdir import WORKDIR_TOKENIZER, save_config
 
 log = logging.getLogger(__name__)
 
-WORKDIR_TOKENIZER = "tokenizer.model"  # the run's copy, named relative to the workdir
 # What a resumed run cannot change: these shape the model, the optimizer state or the data
 # stream that its checkpoints hold (a key stands for itself and every key below it).
 RESUME_FIXED_KEYS = ("task", "model", "loss.name", "optim.name", "optim.lr_mults",
@@ -165,21 +165,6 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
             "step": state["step"] + 1}, metrics
 
   return train_step
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes workdir/config.json; the tokenizer is copied to workdir/tokenizer.model and
-  named there relative to the workdir, so a moved workdir still finds it."""
-  storage.makedirs(workdir)
-  saved = config
-  if config.data.tokenizer.path:
-    copy_path = storage.join(workdir, WORKDIR_TOKENIZER)
-    if storage.absolute(config.data.tokenizer.path) != storage.absolute(copy_path):
-      storage.copy(config.data.tokenizer.path, copy_path)
-    saved = config.copy_and_resolve_references()
-    saved.data.tokenizer.path = WORKDIR_TOKENIZER
-  storage.write_atomic(storage.join(workdir, "config.json"),
-                       saved.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -294,6 +294,24 @@ def test_embed_texts_of_an_imported_workdir_equal_transformers(tmp_path, inputs,
 
 
 @pytest.mark.slow
+def test_a_moved_imported_workdir_still_embeds_texts_as_transformers(tmp_path, inputs):
+  """config.json names the workdir's tokenizer copy relative to the workdir, so moving the
+  workdir (the original gone) breaks nothing."""
+  from navit_clip import cli
+  config = _cli_import("siglip", tmp_path / "work")
+  assert config["data"]["tokenizer"]["path"] == "tokenizer.model"
+  shutil.move(tmp_path / "work", tmp_path / "moved")
+  captions = tmp_path / "captions.txt"
+  captions.write_text("\n".join(inputs[1]) + "\n")
+  out = tmp_path / "texts"
+  assert cli.main(["embed", "--workdir", str(tmp_path / "moved"), "--texts", str(captions),
+                   "--out", str(out), "--no-progress"]) == 0
+  ref = np.load(FIXTURES / "siglip" / "reference.npz")
+  np.testing.assert_allclose(np.load(f"{out}.npy"), ref["text_embeds_normalized"], atol=TOL,
+                             rtol=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name,resolution,budget_key", [
     ("siglip", "", "fixed"),  # the imported default: square:32, bicubic
     ("siglip2", "", "fixed"),

@@ -186,7 +186,7 @@ def test_tokenizer_from_s3_and_copied_into_the_workdir(s3, tmp_path):
   from navit_clip.config_defaults import default_config
   from navit_clip.evaluate.restore import load_config
   from navit_clip.text.tokenizer import Tokenizer, train_tokenizer
-  from navit_clip.train import save_config
+  from navit_clip.workdir import save_config
 
   captions = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("dot", "cross")] * 20
   train_tokenizer(captions, 19, f"{s3}/tok/t.model")
@@ -368,31 +368,44 @@ def test_a_multi_process_run_refuses_a_mirrored_checkpoint_directory(s3, monkeyp
     Checkpointer(f"{s3}/mp/checkpoints", writer=True)
 
 
-def test_eval_and_init_read_checkpoints_from_s3_and_gs_workdirs(s3, gs, imported_workdir,
+def test_import_into_s3_and_gs_workdirs_that_eval_and_init_read(s3, gs, imported_workdir,
                                                                  tmp_path, monkeypatch):
-  """restore_model (eval, embed, export) and config.init read a workdir on an object store
-  as the local one: gs:// straight through Orbax, s3:// through one downloaded step."""
+  """`import --workdir` on a store writes the workdir there (nothing local); restore_model
+  (eval, embed, export) and config.init read it as the local one: gs:// straight through
+  Orbax, s3:// through one downloaded step; its config names the tokenizer beside it."""
   import jax
   from flax import nnx
 
-  from navit_clip import init_from
-  from navit_clip.evaluate.restore import checkpoint_steps, restore_model
+  from navit_clip import cli, init_from
+  from navit_clip.data.pipeline import make_tokenizer
+  from navit_clip.evaluate.restore import checkpoint_steps, load_config, restore_model
 
   monkeypatch.setenv("NAVIT_CLIP_CACHE", str(tmp_path / "cache"))
+  monkeypatch.chdir(tmp_path)
   local = restore_model(imported_workdir)
   want = jax.tree.leaves(nnx.to_pure_dict(nnx.state(local.model, nnx.Param)))
+  want_tokens = make_tokenizer(local.config).encode(["a photo of a cat"])
   for store in (s3, gs):
     run = f"{store}/imported"
-    storage.upload_dir(imported_workdir, run)
-    assert checkpoint_steps(run) == checkpoint_steps(imported_workdir) == [local.step]
+    assert cli.main(["import", "--from", os.path.join(FIXTURES, "siglip"), "--workdir",
+                     run]) == 0
+    with storage.open(f"{run}/config.json", "r") as f:
+      assert json.load(f)["data"]["tokenizer"]["path"] == "tokenizer.model"
+    assert load_config(run).data.tokenizer.path == f"{run}/tokenizer.model"
+    assert checkpoint_steps(run) == checkpoint_steps(imported_workdir) == [0]
     remote = restore_model(run)
     assert remote.workdir == run and remote.step == local.step
     got = jax.tree.leaves(nnx.to_pure_dict(nnx.state(remote.model, nnx.Param)))
     for a, b in zip(got, want, strict=True):
       np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(make_tokenizer(remote.config).encode(["a photo of a cat"]),
+                                  want_tokens)
     state_dir, step = init_from.resolve_state_dir(run, -1)
     assert step == local.step
     assert state_dir.startswith(run if store == gs else str(tmp_path / "cache"))
+    assert cli.main(["import", "--from", os.path.join(FIXTURES, "siglip"), "--workdir",
+                     run]) == 2  # it holds checkpoints now
+  assert sorted(os.listdir(tmp_path)) == ["cache"]  # no ./s3: or ./gs: folder
   staged = glob.glob(str(tmp_path / "cache" / "checkpoints" / "*"))
   assert len(staged) == 1  # the s3:// step, downloaded once for both readers
 
@@ -442,6 +455,49 @@ def test_caption_and_class_folders_on_s3(s3):
   classes = pipeline.make_source(config, "train", "class_folders", f"{s3}/classes")
   assert classes.classnames == ("cat", "dog")
   assert [classes[i]["label"] for i in range(2)] == [0, 1]
+
+
+def test_coco_and_karpathy_annotations_and_prompt_files_on_s3(s3):
+  """Eval annotation files, their images beside them, and class name / template lists are
+  read from the store like local ones."""
+  from navit_clip.config import default_config
+  from navit_clip.evaluate.datasets import load_eval_data
+  from navit_clip.evaluate.prompts import load_classnames, load_templates
+
+  for i in range(2):
+    storage.write_atomic(f"{s3}/coco/val/{i}.png", _png(i))
+  coco = {"images": [{"id": 7, "file_name": "val/1.png"}, {"id": 3, "file_name": "val/0.png"}],
+          "annotations": [{"image_id": 3, "caption": "a dot"},
+                          {"image_id": 7, "caption": "a cross"}]}
+  storage.write_atomic(f"{s3}/coco/captions.json", json.dumps(coco))
+  karpathy = {"images": [{"filepath": "val", "filename": "1.png", "split": "test",
+                          "sentences": [{"raw": "a cross"}]}]}
+  storage.write_atomic(f"{s3}/coco/karpathy.json", json.dumps(karpathy))
+  data = load_eval_data(f"coco:{s3}/coco/captions.json", default_config())
+  assert [data.source[i]["image"] for i in range(2)] == [_png(0), _png(1)]
+  assert data.captions == {0: ["a dot"], 1: ["a cross"]}
+  data = load_eval_data(f"karpathy:{s3}/coco/karpathy.json", default_config())
+  assert data.source[0]["image"] == _png(1) and data.captions == {0: ["a cross"]}
+  storage.write_atomic(f"{s3}/prompts/classes.txt", "dot\n# comment\ncross\n")
+  storage.write_atomic(f"{s3}/prompts/templates.json", json.dumps(["a photo of a {}."]))
+  assert load_classnames(f"{s3}/prompts/classes.txt") == ["dot", "cross"]
+  assert load_templates(f"{s3}/prompts/templates.json") == ["a photo of a {}."]
+  with pytest.raises(FileNotFoundError, match="neither a shipped list"):
+    load_classnames(f"{s3}/prompts/missing.txt")
+
+
+@pytest.mark.parametrize("command", ["demo", "study"])
+def test_demo_and_study_refuse_an_object_store_workdir_in_one_line(tmp_path, monkeypatch,
+                                                                  capsys, command):
+  """Their reports and plots are local files: a URL workdir is refused before any work (it
+  made a local ./gs: folder before)."""
+  from navit_clip import cli
+
+  monkeypatch.chdir(tmp_path)
+  assert cli.main([command, "--workdir", "gs://bkt/run"]) == 2
+  err = capsys.readouterr().err
+  assert "writes its report and plots into a local folder" in err and len(err.splitlines()) == 1
+  assert os.listdir(tmp_path) == []
 
 
 def test_run_chunks_on_s3_resumes_and_leaves_no_parts(s3):

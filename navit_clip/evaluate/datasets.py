@@ -20,7 +20,8 @@
   webdataset:PATTERN   webdataset tar shards, streamed: KEY.txt / KEY.json captions for
                        retrieval, KEY.cls labels ("label") for zero-shot
 
-Every kind gives a source of records {"image", "example_id", ...} for
+Every file, folder and pattern may be local or a URL (gs://, s3://; http(s):// for streamed
+shards and files named one by one; navit_clip.storage). Every kind gives a source of records {"image", "example_id", ...} for
 `inputs.inference_batches` -- random access, or for tfrecord / webdataset one ordered pass
 (`navit_clip.data.pipeline.make_stream`) -- plus what the evaluator needs: a label field
 and class names, or each image's captions.
@@ -35,6 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
+from navit_clip import storage
 from navit_clip.data.captions import usable_captions
 from navit_clip.data.sources.demo import DemoSource, zero_shot_tasks
 from navit_clip.data.pipeline import example_keys, make_stream
@@ -92,7 +94,7 @@ def _annotation_images(path: str, kind: str) -> tuple[dict, list[dict]]:
     ValueError: naming the file, when it is not JSON or has no list of image objects.
   """
   try:
-    with open(path, encoding="utf-8-sig") as f:
+    with storage.open(path, "r", encoding="utf-8-sig") as f:
       data = json.load(f)
   except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
     raise ValueError(f"dataset {kind}:{path}: not a valid JSON file ({e})") from None
@@ -116,7 +118,7 @@ def _coco(path: str, images_dir: str) -> EvalData:
       not isinstance(im.get("id"), int) or isinstance(im.get("id"), bool) for im in images):
     raise ValueError(f"dataset coco:{path}: expected an 'annotations' list and an integer "
                      "'id' on every image")
-  root = images_dir or os.path.dirname(os.path.abspath(path))
+  root = images_dir or storage.parent(path)
   images = sorted(images, key=lambda im: im["id"])
   index = {im["id"]: i for i, im in enumerate(images)}
   captions: dict[int, list[str]] = {i: [] for i in range(len(images))}
@@ -137,7 +139,7 @@ def _karpathy_captions(image: dict) -> list[str]:
 
 def _karpathy(path: str, split: str, images_dir: str) -> EvalData:
   _, images = _annotation_images(path, "karpathy")
-  root = images_dir or os.path.dirname(os.path.abspath(path))
+  root = images_dir or storage.parent(path)
   images = [im for im in images if im.get("split") == split]
   if not images:
     raise ValueError(f"dataset karpathy:{path} has no images in split {split!r}")

@@ -39,7 +39,7 @@ def _list_local(spec: str) -> list[str]:
   if os.path.isdir(spec):
     return [p for p in storage.walk_files(spec) if _is_image(p)]
   if spec.endswith(".txt") and os.path.isfile(spec):
-    return _listed(spec, os.path.dirname(os.path.abspath(spec)))
+    return _listed(spec, storage.parent(spec))
   if os.path.isfile(spec):
     return [spec]
   return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
@@ -47,7 +47,7 @@ def _list_local(spec: str) -> list[str]:
 
 def _list_url(spec: str) -> list[str]:
   if spec.endswith(".txt") and (storage.scheme(spec) in _UNLISTED or storage.isfile(spec)):
-    return _listed(spec, spec.rsplit("/", 1)[0])
+    return _listed(spec, storage.parent(spec))
   if storage.scheme(spec) in _UNLISTED:
     return expand_braces(spec)
   if storage.isdir(spec):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
+
+from navit_clip import storage
 
 CLASSNAMES = {"imagenet": "imagenet_classes.txt"}
 TEMPLATES = {"clip": "clip_templates.txt", "clip_short": "clip_templates_short.txt"}
@@ -28,10 +29,10 @@ def _read(spec: str, shipped: dict[str, str], key: str) -> list[str]:
   if spec in shipped:
     data = importlib.resources.files("navit_clip.evaluate") / "data" / shipped[spec]
     return _lines(data.read_text(encoding="utf-8"))
-  if not os.path.isfile(spec):
+  if not storage.isfile(spec):
     raise FileNotFoundError(f"{key} {spec!r} is neither a shipped list ({', '.join(shipped)}) "
                             "nor a file")
-  with open(spec, encoding="utf-8") as f:
+  with storage.open(spec, "r") as f:
     text = f.read()
   if not spec.endswith(".json"):
     return _lines(text)
