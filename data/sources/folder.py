@@ -277,7 +277,7 @@ class CaptionFolderSource:
   def __init__(self, path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, *,
                csv_layout: CsvLayout = CsvLayout(), image_root: str = ""):
     self.index = find_index(storage.absolute(path))
-    self.root = storage.absolute(image_root) if image_root else _parent(self.index)
+    self.root = storage.absolute(image_root) if image_root else storage.parent(self.index)
     self.max_file_bytes = max_file_bytes
     try:
       self._entries = (_jsonl_entries(self.index) if self.index.endswith(".jsonl")
@@ -304,11 +304,6 @@ class CaptionFolderSource:
 
   def __repr__(self) -> str:
     return f"CaptionFolderSource({self.index!r}, {len(self)} images under {self.root!r})"
-
-
-def _parent(path: str) -> str:
-  """The folder of file `path` (local path or URL)."""
-  return os.path.dirname(path) if storage.is_local(path) else path.rsplit("/", 1)[0]
 
 
 class ClassFolderSource:
