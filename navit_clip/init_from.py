@@ -71,7 +71,7 @@ def resolve_state_dir(checkpoint: str, step: int) -> tuple[str, int]:
     if not name.isdigit():
       raise ValueError(f"config.init.checkpoint = {checkpoint!r} holds a 'state' item but is "
                        "not a step directory (named by its step)")
-    return storage.join(step_dir(os.path.dirname(path), int(name)), "state"), int(name)
+    return storage.join(step_dir(storage.parent(path), int(name)), "state"), int(name)
   if storage.isdir(storage.join(path, "checkpoints")):
     path = storage.join(path, "checkpoints")
   steps = committed_steps(path)

@@ -9,6 +9,8 @@ The workdir is a local folder or a URL (gs://, s3://, ...; navit_clip.storage).
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from navit_clip import storage
@@ -29,3 +31,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     saved.data.tokenizer.path = WORKDIR_TOKENIZER
   storage.write_atomic(storage.join(workdir, "config.json"),
                        saved.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def saved_tokenizer_path(workdir: str, saved: str) -> str:
+  """The tokenizer that config.json's data.tokenizer.path `saved` names: a relative path
+  (the workdir's copy) under `workdir`, any other path as it is."""
+  if saved and storage.is_local(saved) and not os.path.isabs(saved):
+    return storage.join(storage.absolute(workdir), saved)
+  return saved

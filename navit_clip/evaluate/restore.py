@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
@@ -21,6 +20,7 @@ from navit_clip.checkpoint import committed_steps, restore_params, step_dir
 from navit_clip.config_defaults import default_config
 from navit_clip.errors import MissingInputError, UserError, as_user_errors
 from navit_clip.model import build_model
+from navit_clip.workdir import saved_tokenizer_path
 
 
 @dataclasses.dataclass
@@ -45,9 +45,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   config = default_config()
   with storage.open(path, "r") as f, as_user_errors(path, (ValueError, TypeError)):
     config.update(json.load(f))
-  tok = config.data.tokenizer
-  if tok.path and storage.is_local(tok.path) and not os.path.isabs(tok.path):
-    tok.path = storage.join(storage.absolute(workdir), tok.path)
+  config.data.tokenizer.path = saved_tokenizer_path(workdir, config.data.tokenizer.path)
   return config
 
 
